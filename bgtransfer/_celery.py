@@ -1,0 +1,102 @@
+"""Celery glue: the app, the tasks, the dispatch of admitted requests and the periodic pass.
+
+Messages are wake-ups carrying (request id, fencing token); the store is the record. A lost
+message costs at most ``dispatch_seconds`` (the periodic pass re-admits), a duplicate is
+dropped by ``claim``. The periodic pass runs in every worker's main process: it is one
+short transaction, safe to run from many hosts at once, and needs no beat singleton.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from . import _worker
+from ._models import BackgroundTransferRequest
+from ._service import BackgroundTransferService, store_for
+from ._settings import Settings, load, queue_name
+
+log = logging.getLogger("bgtransfer.celery")
+
+app = Celery("bgtransfer")
+app.config_from_object("celeryconfig")
+
+
+def dispatch(picks: list[tuple[str, int]], device: str) -> None:
+    for request_id, token in picks:
+        app.send_task("bgtransfer.transfer", args=(request_id, token), queue=queue_name(device))
+
+
+def kick(s: Settings, device: str) -> int:
+    """Run an admission pass for ``device`` and wake a worker for each request it admits."""
+    picks = store_for(s).promote(device, s)
+    dispatch(picks, device)
+    return len(picks)
+
+
+@app.task(name="bgtransfer.transfer", ignore_result=True, acks_late=True)
+def transfer(request_id: str, token: int) -> None:
+    s = load()
+    out = _worker.run_attempt(store_for(s), s, request_id, token)
+    if out is not None:
+        kick(s, s.device)
+
+
+@app.task(name="bgtransfer.add")
+def add(request: dict[str, Any]) -> dict[str, Any]:
+    """Add a request given as a dict (``app_id`` in it, default ``default``); the stored dict."""
+    app_id = request.get("app_id") if isinstance(request, dict) else None
+    req = BackgroundTransferRequest.from_dict(request)
+    svc = BackgroundTransferService(app_id or "default")
+    svc.add(req)
+    return svc.find(req.request_id).to_dict()  # type: ignore[union-attr]
+
+
+@app.task(name="bgtransfer.find")
+def find(app_id: str, request_id: str) -> dict[str, Any] | None:
+    req = BackgroundTransferService(app_id).find(request_id)
+    return req.to_dict() if req else None
+
+
+@app.task(name="bgtransfer.requests")
+def requests(app_id: str) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in BackgroundTransferService(app_id).requests]
+
+
+@app.task(name="bgtransfer.remove")
+def remove(app_id: str, request_id: str) -> dict[str, Any]:
+    svc = BackgroundTransferService(app_id)
+    req = svc.find(request_id)
+    svc.remove(request_id)
+    return req.to_dict() if req else {}
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """The periodic pass in the worker's main process: reclaim expired leases, admit, dispatch."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        self.thread = threading.Thread(target=self._loop, name="bgtransfer-sweeper", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        s = load()
+        while not self.stopping.is_set():
+            try:
+                kick(s, s.device)
+            except Exception:  # a store or broker outage: the next pass tries again
+                log.exception("periodic pass failed")
+            self.stopping.wait(s.sweep_interval)
+
+    def stop(self, worker: Any) -> None:
+        self.stopping.set()
+
+
+app.steps["worker"].add(Sweeper)

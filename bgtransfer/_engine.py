@@ -1,0 +1,463 @@
+"""The pycurl transfer engine: one attempt of one request, streamed between disk and network.
+
+It knows nothing of Celery or SQL: it gets a ``Job`` (what to move), a ``Lease`` (how to
+report progress and learn of pause/cancel, fenced by the store) and ``Limits`` (from the
+policy), and returns an ``Outcome``. Everything it decides is plain data for the caller.
+
+Downloads go to a hidden partial file beside the target and are renamed into place only
+when complete and verified. A resume sends ``Range`` with ``If-Range`` on the validator
+recorded with the bytes held, so two versions of a file are never joined. The sha256, when
+asked for, is computed by a thread that reads the partial file behind the writer, off the
+write path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import fcntl
+import hashlib
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import pycurl
+
+from ._exceptions import LeaseLost
+from ._sandbox import open_file, parent_dir
+from ._settings import Settings
+
+Kind = Literal["completed", "failed", "retry", "slow", "paused", "cancelled", "lost"]
+CHUNK = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# libcurl errors that say the request itself can never work (others are worth a retry)
+_PERMANENT = {
+    pycurl.E_UNSUPPORTED_PROTOCOL: "redirected to an unsupported scheme (only http and https are allowed)",
+    pycurl.E_URL_MALFORMAT: "malformed URL",
+    pycurl.E_TOO_MANY_REDIRECTS: "too many redirects",
+    pycurl.E_SSL_CACERT_BADFILE: "cannot read the CA bundle",
+    pycurl.E_PEER_FAILED_VERIFICATION: "TLS certificate verification failed",
+    pycurl.E_SSL_CONNECT_ERROR: "TLS handshake failed",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    request_id: str
+    app_id: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    direction: Literal["download", "upload"]
+    parts: tuple[str, ...]  # the local file, below the app's sandbox root
+    expected_sha256: str | None = None
+    validator: str | None = None  # of the bytes already held in the partial file
+    known_total: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the policy allows this attempt under the device's current conditions."""
+
+    max_bytes: int | None = None  # rule 9: enforced on the stream when the length is unknown
+    min_rate: float = 0.0  # rule 12: bytes/s averaged over ``window`` seconds
+    window: float = 30.0
+
+
+@dataclasses.dataclass
+class Outcome:
+    kind: Kind
+    error: str | None = None
+    status_code: int | None = None
+    retry_after: float | None = None
+    bytes_done: int = 0
+    total: int | None = None
+    validator: str | None = None
+    degraded: str | None = None
+    resumed_from: int = 0
+
+
+class Lease(Protocol):
+    """The engine's only line to the store; every call is fenced by the attempt's token."""
+
+    def renew(self, **fields: Any) -> str | None:
+        """Record progress or facts (validator, total), extend the lease, and return the app's
+        control ('pause'/'cancel') if any; raise LeaseLost if the attempt no longer owns it."""
+
+
+def partial_name(job: Job) -> str:
+    return f".{job.parts[-1]}.{job.request_id}.part"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+class _Responses:
+    """Headers of the last response (redirects and 100-continue start a new block)."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    def line(self, raw: bytes) -> None:
+        text = raw.decode("iso-8859-1").strip()
+        if text.startswith("HTTP/"):
+            self.status, self.headers = int(text.split()[1]), {}
+        elif ":" in text:
+            name, _, value = text.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    def validator(self) -> str | None:
+        etag = self.headers.get("etag")
+        if etag and not etag.startswith("W/"):
+            return etag
+        return self.headers.get("last-modified")
+
+    def length(self) -> int | None:
+        value = self.headers.get("content-length")
+        return int(value) if value and value.isdigit() else None
+
+
+class _Hasher(threading.Thread):
+    """sha256 of a growing file, read back behind the writer from the page cache."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.done, self.written = os.dup(fd), 0, 0
+        self.finished = False
+        self.wake = threading.Event()
+        self.h = hashlib.sha256()
+
+    def run(self) -> None:
+        while True:
+            if self.done < self.written:
+                data = os.pread(self.fd, min(CHUNK, self.written - self.done), self.done)
+                if not data:
+                    break
+                self.h.update(data)
+                self.done += len(data)
+            elif self.finished:
+                break
+            else:
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    def hexdigest(self, size: int) -> str:
+        self.written, self.finished = size, True
+        self.wake.set()
+        self.join()
+        os.close(self.fd)
+        return self.h.hexdigest()
+
+    def abandon(self) -> None:
+        self.finished, self.written = True, 0
+        self.wake.set()
+        self.join()
+        os.close(self.fd)
+
+
+class _Attempt:
+    """State shared by pycurl's callbacks during one perform()."""
+
+    def __init__(self, job: Job, lease: Lease, limits: Limits, s: Settings) -> None:
+        self.job, self.lease, self.limits, self.s = job, lease, limits, s
+        self.abort: tuple[Kind, str] | None = None
+        self.resp = _Responses()
+        self.started = time.monotonic()
+        self.next_tick = self.started + s.progress_interval
+        self.lease_deadline = self.started + s.lease_seconds
+        self.samples: deque[tuple[float, int]] = deque([(self.started, 0)])
+        self.progress_fields: Callable[[int, int], dict[str, int]] = lambda down, up: {}
+
+    def stop(self, kind: Kind, why: str) -> int:
+        self.abort = (kind, why)
+        return 1
+
+    def progress(self, _dltotal: int, dlnow: int, _ultotal: int, ulnow: int) -> int:
+        now = time.monotonic()
+        if now < self.next_tick:
+            return 0
+        self.next_tick = now + self.s.progress_interval
+        moved = dlnow + ulnow
+        fields = self.progress_fields(dlnow, ulnow)
+        try:
+            control = self.lease.renew(**fields)
+            self.lease_deadline = now + self.s.lease_seconds
+        except LeaseLost:
+            return self.stop("lost", "lease lost")
+        except Exception as exc:  # a store outage: go on until our own lease would run out
+            if now > self.lease_deadline - 2 * self.s.progress_interval:
+                return self.stop("retry", f"state store unreachable: {exc}")
+            control = None
+        if control == "cancel":
+            return self.stop("cancelled", "removed by the app")
+        if control == "pause":
+            return self.stop("paused", "paused by the app")
+        limit = self.limits.max_bytes
+        if limit is not None and max(fields.values(), default=0) > limit:
+            return self.stop("failed", f"transfer exceeds {limit} bytes allowed under current conditions")
+        return self._check_rate(now, moved)
+
+    def _check_rate(self, now: float, moved: int) -> int:
+        window, floor = self.limits.window, self.limits.min_rate
+        self.samples.append((now, moved))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - window:
+            self.samples.popleft()
+        t0, b0 = self.samples[0]
+        if floor > 0 and now - t0 >= window and (moved - b0) / (now - t0) < floor:
+            rate = (moved - b0) / (now - t0)
+            return self.stop("slow", f"rate {rate * 8 / 1000:.1f} kbit/s below the minimum {floor * 8 / 1000:.0f}")
+        return 0
+
+
+def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pycurl.Curl:
+    c = pycurl.Curl()
+    c.setopt(pycurl.URL, job.url)
+    c.setopt(pycurl.NOSIGNAL, 1)
+    c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+    c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+    c.setopt(pycurl.FOLLOWLOCATION, 1)
+    c.setopt(pycurl.MAXREDIRS, s.max_redirects)
+    c.setopt(pycurl.CONNECTTIMEOUT_MS, int(s.connect_timeout * 1000))
+    c.setopt(pycurl.BUFFERSIZE, s.buffer_size)
+    c.setopt(pycurl.UPLOAD_BUFFERSIZE, min(s.buffer_size, 2 * 1024 * 1024))
+    c.setopt(pycurl.NOPROGRESS, 0)
+    c.setopt(pycurl.XFERINFOFUNCTION, att.progress)
+    c.setopt(pycurl.HEADERFUNCTION, att.resp.line)
+    if s.ca_bundle:
+        c.setopt(pycurl.CAINFO, s.ca_bundle)
+    headers = [f"{k}: {v}" for k, v in job.headers.items()] + extra_headers
+    c.setopt(pycurl.HTTPHEADER, headers)
+    return c
+
+
+def _perform(c: pycurl.Curl) -> tuple[int, str] | None:
+    """Run the transfer; the libcurl error (code, message) or None."""
+    try:
+        c.perform()
+    except pycurl.error as exc:
+        return exc.args[0], exc.args[1]
+    return None
+
+
+def _classify_http(code: int, resp: _Responses) -> Outcome | None:
+    """An outcome for a final status other than success, or None for success."""
+    if 200 <= code < 300:
+        return None
+    if code in (408, 429) or code >= 500:
+        return Outcome("retry", f"HTTP {code}", code, _retry_after(resp.headers.get("retry-after")))
+    return Outcome("failed", f"HTTP {code}", code)
+
+
+def _classify_curl(err: tuple[int, str], att: _Attempt) -> Outcome:
+    if att.abort is not None:
+        kind, why = att.abort
+        return Outcome(kind, why, att.resp.status or None)
+    code, msg = err
+    if code in _PERMANENT:
+        return Outcome("failed", f"{_PERMANENT[code]}: {msg}")
+    return Outcome("retry", f"curl error {code}: {msg}", att.resp.status or None)
+
+
+def download(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
+    """One attempt at a download: resume if possible, publish atomically when complete."""
+    with parent_dir(s, job.app_id, job.parts, create=True) as dfd:
+        part = partial_name(job)
+        fd = open_file(dfd, part, os.O_RDWR | os.O_CREAT)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return Outcome("retry", "a previous attempt is still writing the partial file")
+            out = _Download(job, lease, limits, s, fd).run()
+            if out.kind == "completed":
+                os.replace(part, job.parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+            elif out.kind in ("failed", "cancelled"):
+                os.unlink(part, dir_fd=dfd)
+            return out
+        finally:
+            os.close(fd)
+
+
+class _Download:
+    """A download attempt into an open, locked partial file."""
+
+    def __init__(self, job: Job, lease: Lease, limits: Limits, s: Settings, fd: int) -> None:
+        self.job, self.lease, self.limits, self.s, self.fd = job, lease, limits, s, fd
+        held = os.fstat(fd).st_size
+        self.resumable = job.method == "GET" and held > 0 and job.validator is not None
+        if not self.resumable and held:
+            os.ftruncate(fd, 0)
+            held = 0
+        self.held = held  # bytes on disk before this attempt
+        self.offset = self.pos = held  # where this response's body starts / has reached
+        self.total: int | None = None
+        self.validator = job.validator
+        self.degraded: list[str] = []
+        self.hasher: _Hasher | None = None
+        self.writing: bool | None = None  # None until the first body byte
+        self.att = _Attempt(job, lease, limits, s)
+        self.att.progress_fields = lambda down, _up: {"bytes_received": self.offset + down}
+
+    def _start(self) -> bool:
+        """At the first body byte of the final response: decide where the bytes go."""
+        r, att = self.att.resp, self.att
+        if not 200 <= r.status < 300:
+            return False  # an error body: discard it, the status says what happened
+        if r.status == 206 and self.resumable:
+            m = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", ""))
+            if not m or int(m.group(1)) != self.held:
+                att.stop("retry", "server answered a different range")
+                return False
+            total = int(m.group(3)) if m.group(3) != "*" else None
+        else:
+            if self.held:
+                if r.validator() == self.job.validator:
+                    self.degraded.append("server ignores Range")
+                os.ftruncate(self.fd, 0)
+                self.offset = self.pos = 0
+            total = r.length()
+        if total is None:
+            self.degraded.append("no Content-Length")
+        self.validator = r.validator()
+        if self.validator is None:
+            self.degraded.append("no validator")
+        limit = self.limits.max_bytes
+        if limit is not None and total is not None and total > limit:
+            att.stop("failed", f"download of {total} bytes exceeds {limit} allowed under current conditions")
+            return False
+        self.total = total
+        try:  # the validator must be stored before the bytes it vouches for
+            self.lease.renew(validator=self.validator, total_bytes_to_receive=total,
+                              degraded=", ".join(self.degraded) or None, bytes_received=self.offset)
+        except LeaseLost:
+            att.stop("lost", "lease lost")
+            return False
+        except Exception as exc:
+            att.stop("retry", f"state store unreachable: {exc}")
+            return False
+        self._start_hasher()
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+        return True
+
+    def _start_hasher(self) -> None:
+        if self.job.expected_sha256:
+            self.hasher = _Hasher(self.fd)
+            self.hasher.written = self.offset
+            self.hasher.start()
+
+    def write(self, chunk: bytes) -> int | None:
+        """pycurl's write callback: the hot path, kept to a write and a counter."""
+        if not self.writing:
+            if self.writing is None:
+                self.writing = self._start()
+            if not self.writing:
+                return 0 if self.att.abort else None
+        fd = self.fd
+        n = os.write(fd, chunk)
+        while n < len(chunk):  # a short write only happens near a full disk
+            more = os.write(fd, chunk[n:])
+            if more == 0:
+                return 0
+            n += more
+        self.pos += n
+        if self.hasher is not None:
+            self.hasher.written = self.pos
+            self.hasher.wake.set()
+        return None
+
+    def _outcome(self, kind: Kind, error: str | None, code: int | None, **kw: Any) -> Outcome:
+        if kind != "completed" and self.hasher is not None:
+            self.hasher.abandon()
+        return Outcome(kind, error, code, bytes_done=self.pos, total=self.total, validator=self.validator,
+                       degraded=", ".join(self.degraded) or None,
+                       resumed_from=self.held if self.offset else 0, **kw)
+
+    def run(self) -> Outcome:
+        job, att = self.job, self.att
+        extra = ["Expect:"]
+        if self.resumable:
+            extra += [f"Range: bytes={self.held}-", f"If-Range: {job.validator}"]
+        c = _curl(job, att, self.s, extra)
+        c.setopt(pycurl.WRITEFUNCTION, self.write)
+        if job.method == "POST":
+            c.setopt(pycurl.POSTFIELDSIZE, 0)
+            c.setopt(pycurl.POST, 1)
+        try:
+            err = _perform(c)
+            code = c.getinfo(pycurl.RESPONSE_CODE)
+        finally:
+            c.close()
+        if code == 416 and err is None:
+            if self.resumable and self.held == job.known_total:  # already whole: nothing was missing
+                self.pos = self.total = self.held
+                self.offset = self.held
+                self._start_hasher()
+            else:  # the bytes held do not fit the file any more: start over
+                os.ftruncate(self.fd, 0)
+                self.pos = 0
+                return self._outcome("retry", "range not satisfiable; restarting from zero", code, retry_after=0.0)
+        elif err is not None:
+            out = _classify_curl(err, att)
+            return self._outcome(out.kind, out.error, out.status_code)
+        else:
+            bad = _classify_http(code, att.resp)
+            if bad is not None:
+                return self._outcome(bad.kind, bad.error, code, retry_after=bad.retry_after)
+        if self.total is not None and self.pos != self.total:
+            return self._outcome("retry", f"received {self.pos} of {self.total} bytes", code)
+        if self.hasher is not None:
+            digest = self.hasher.hexdigest(self.pos)
+            if digest != job.expected_sha256:
+                return self._outcome("failed", f"sha256 mismatch: got {digest}, expected {job.expected_sha256}",
+                                     code)
+        self.total = self.pos
+        return self._outcome("completed", None, code)
+
+
+def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
+    """One attempt at a POST upload, streamed from the sandbox file (restarts from zero)."""
+    with parent_dir(s, job.app_id, job.parts, create=False) as dfd:
+        fd = open_file(dfd, job.parts[-1], os.O_RDONLY)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
+        att = _Attempt(job, lease, limits, s)
+        if limits.max_bytes is not None and size > limits.max_bytes:
+            return Outcome("failed", f"upload of {size} bytes exceeds {limits.max_bytes} allowed")
+        att.progress_fields = lambda _down, up: {"bytes_sent": up}
+        ctype = [] if any(k.lower() == "content-type" for k in job.headers) else [
+            "Content-Type: application/octet-stream"]
+        c = _curl(job, att, s, ["Expect:", *ctype])
+        c.setopt(pycurl.POST, 1)
+        c.setopt(pycurl.READFUNCTION, f.read)
+        c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
+        c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
+        try:
+            lease.renew(total_bytes_to_send=size, bytes_sent=0)
+            err = _perform(c, att)
+            code = c.getinfo(pycurl.RESPONSE_CODE)
+            sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
+        finally:
+            c.close()
+    if err is not None:
+        return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size)
+    bad = _classify_http(code, att.resp)
+    if bad is not None:
+        return dataclasses.replace(bad, bytes_done=sent, total=size)
+    return Outcome("completed", None, code, bytes_done=sent, total=size)
+
+
+def run(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
+    return (upload if job.direction == "upload" else download)(job, lease, limits, s)

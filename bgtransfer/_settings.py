@@ -1,0 +1,91 @@
+"""Settings: every number of the policy, with SPEC defaults, overridable by environment.
+
+Each field ``name`` reads ``BGTRANSFER_<NAME>``; nothing else configures the service, so the
+same code runs from a laptop (embedded defaults) to many hosts (env set by deploy/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+MB = 1_000_000
+KBIT = 1000 / 8  # bytes per second in one kbit/s
+
+
+def _default_data_root() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "bgtransfer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_root: str = dataclasses.field(default_factory=_default_data_root)
+    broker_url: str = ""  # empty: the embedded filesystem broker under data_root
+    database_url: str = ""  # empty: a SQLite file under data_root
+    result_backend: str = ""  # empty: a SQLite file beside the store, or the database
+    device: str = "default"
+    # add-time limits (rules 4-6)
+    max_headers: int = 15
+    max_header_bytes: int = 16 * 1024
+    max_tag_chars: int = 4000
+    max_outstanding_per_app: int = 25
+    max_queued_per_device: int = 500
+    max_upload_bytes: int = 100 * MB
+    # admission (rules 8-11)
+    max_concurrent_per_device: int = 2
+    max_upload_cellular_bytes: int = 5 * MB
+    max_upload_battery_bytes: int = 20 * MB
+    max_download_cellular_bytes: int = 20 * MB
+    max_download_battery_bytes: int = 100 * MB
+    # slow transfers (rule 12), in bytes per second, averaged over min_rate_window seconds
+    min_rate_cellular: float = 50 * KBIT
+    min_rate_wifi: float = 100 * KBIT
+    min_rate_window: float = 30.0
+    # leases, retries and the periodic pass
+    lease_seconds: float = 30.0
+    dispatch_seconds: float = 60.0  # an admitted request not claimed by then is re-dispatched
+    sweep_interval: float = 5.0
+    progress_interval: float = 1.0
+    max_attempts: int = 20
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    # transport
+    buffer_size: int = 1024 * 1024
+    connect_timeout: float = 30.0
+    ca_bundle: str = ""  # empty: the system's trusted CAs
+    max_redirects: int = 10
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_root)
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'state.sqlite'}"
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.device)
+
+
+def queue_name(device: str) -> str:
+    return f"bgtransfer.{device}"
+
+
+def load(env: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from ``env`` (default ``os.environ``); ``overrides`` win over both."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(Settings):
+        raw = env.get(f"BGTRANSFER_{f.name.upper()}")
+        if raw is None or raw == "":
+            continue
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"BGTRANSFER_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,440 @@
+"""The state store: the record of every request, its bytes, its validator and its slot.
+
+Broker messages are only wake-ups; this is what survives a SIGKILL. One SQLAlchemy Core
+schema runs on a SQLite file (the embedded default: WAL, ``BEGIN IMMEDIATE`` so writers queue
+instead of failing) and on PostgreSQL (the device row ``SELECT ... FOR UPDATE`` serialises
+admission per device across hosts).
+
+A slot is a lease on a request row: ``phase`` in (admitted, running) with ``lease_expires``
+in the future. ``lease_token`` is a fencing token: it grows at every admission and every
+write by an attempt carries it, so a stale attempt can never write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from . import _policy as policy
+from ._exceptions import LeaseLost, QuotaExceededError, TransferError
+from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
+from ._settings import Settings
+
+SCHEMA_VERSION = 1
+meta = sa.MetaData()
+
+requests = sa.Table(
+    "bgt_requests", meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),  # arrival order on the device
+    sa.Column("device", sa.String(64), nullable=False),
+    sa.Column("app_id", sa.String(63), nullable=False),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("headers", sa.JSON, nullable=False),
+    sa.Column("direction", sa.String(8), nullable=False),
+    sa.Column("local_path", sa.Text, nullable=False),  # normalised sandbox path
+    sa.Column("preferences", sa.String(32), nullable=False),
+    sa.Column("tag", sa.Text),
+    sa.Column("expected_sha256", sa.String(64)),
+    # queued -> admitted -> running -> done; paused by the app; removed rows finish their stop
+    sa.Column("phase", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(64), nullable=False),
+    sa.Column("wait_reason", sa.Text),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("bytes_received", sa.BigInteger, nullable=False, default=0),
+    sa.Column("total_bytes_to_receive", sa.BigInteger),
+    sa.Column("bytes_sent", sa.BigInteger, nullable=False, default=0),
+    sa.Column("total_bytes_to_send", sa.BigInteger),
+    sa.Column("validator", sa.Text),  # ETag or Last-Modified of the bytes held
+    sa.Column("degraded", sa.Text),  # why resume is impossible with this server, if it is
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("not_before", sa.Float, nullable=False, default=0.0),
+    sa.Column("control", sa.String(8)),  # 'pause' or 'cancel', read by the running attempt
+    sa.Column("removed", sa.Boolean, nullable=False, default=False),
+    sa.Column("lease_token", sa.Integer, nullable=False, default=0),
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("lease_expires", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("completed_at", sa.Float),
+    sa.Index("bgt_requests_device_phase", "device", "phase", "seq"),
+    sa.Index("bgt_requests_app", "app_id", "seq"),
+)
+devices = sa.Table(
+    "bgt_devices", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("next_seq", sa.BigInteger, nullable=False, default=1),
+    sa.Column("admit_seq", sa.BigInteger, nullable=False, default=0),
+    sa.Column("conditions", sa.JSON, nullable=False),
+)
+app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a device
+    "bgt_app_turns", meta,
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("app_id", sa.String(63), primary_key=True),
+    sa.Column("last_admit_seq", sa.BigInteger, nullable=False),
+)
+schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
+
+ACTIVE = ("admitted", "running")
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = sa.engine.make_url(url).database
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+
+
+class Store:
+    """Transactions over the schema; every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pid = -1
+        self._engine: Engine | None = None
+        self.migrate()
+
+    @property
+    def engine(self) -> Engine:
+        if self._pid != os.getpid():  # a forked child must not share the parent's sockets
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._engine, self._pid = make_engine(self.url), os.getpid()
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    # ------------------------------------------------------------------ schema
+    def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION; steps are append-only, one per version."""
+        with self.tx() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7319)")
+            meta.create_all(conn, tables=[schema])
+            current = conn.execute(sa.select(sa.func.max(schema.c.version))).scalar() or 0
+            for version, step in MIGRATIONS:
+                if version > current:
+                    step(conn)
+                    conn.execute(schema.insert().values(version=version))
+
+    def _insert(self, table: sa.Table) -> Any:
+        """An INSERT that knows ON CONFLICT (both dialects spell it alike)."""
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    # ------------------------------------------------------------------ devices
+    def _lock_device(self, conn: Connection, device: str) -> Mapping[str, Any]:
+        conn.execute(
+            self._insert(devices).values(name=device, next_seq=1, admit_seq=0, conditions={}).on_conflict_do_nothing()
+        )
+        q = sa.select(devices).where(devices.c.name == device)
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        return conn.execute(q).mappings().one()
+
+    def conditions(self, device: str, now: float | None = None) -> policy.Conditions:
+        with self.tx() as conn:
+            return _conditions(self._lock_device(conn, device)["conditions"], now or time.time())
+
+    def set_conditions(self, device: str, changes: Mapping[str, Any]) -> policy.Conditions:
+        """Change some conditions (network, power, flags) or ``foreground`` {app: until}."""
+        now = time.time()
+        with self.tx() as conn:
+            stored = dict(self._lock_device(conn, device)["conditions"])
+            fg = dict(stored.get("foreground", {}))
+            fg.update(changes.get("foreground", {}))
+            stored.update({k: v for k, v in changes.items() if k != "foreground"})
+            stored["foreground"] = {a: t for a, t in fg.items() if t > now}
+            cond = _conditions(stored, now)  # validates before anything is written
+            conn.execute(devices.update().where(devices.c.name == device).values(conditions=stored))
+            return cond
+
+    # ------------------------------------------------------------------ requests
+    def insert(self, row: dict[str, Any], s: Settings) -> None:
+        """Store a new request after the counted rules (5, 6); raise and store nothing on breach."""
+        now = time.time()
+        with self.tx() as conn:
+            dev = self._lock_device(conn, row["device"])
+            live = requests.c.removed.is_(False)
+            n_app = conn.execute(
+                sa.select(sa.func.count()).where(requests.c.app_id == row["app_id"], live)
+            ).scalar()
+            if n_app >= s.max_outstanding_per_app:
+                raise QuotaExceededError(
+                    f"app {row['app_id']!r} has {n_app} outstanding requests (at most "
+                    f"{s.max_outstanding_per_app}); remove completed ones first"
+                )
+            n_dev = conn.execute(
+                sa.select(sa.func.count()).where(requests.c.device == row["device"], live)
+            ).scalar()
+            if n_dev >= s.max_queued_per_device:
+                raise QuotaExceededError(
+                    f"device {row['device']!r} has {n_dev} queued requests (at most {s.max_queued_per_device})"
+                )
+            if row["direction"] == "download":
+                dup = conn.execute(
+                    sa.select(requests.c.id).where(
+                        requests.c.app_id == row["app_id"], live, requests.c.direction == "download",
+                        requests.c.local_path == row["local_path"],
+                    )
+                ).first()
+                if dup:
+                    raise TransferError(
+                        f"{row['local_path']} is already the target of request {dup.id}"
+                    )
+            if conn.execute(sa.select(requests.c.id).where(requests.c.id == row["id"])).first():
+                raise TransferError(f"request {row['id']} was already added")
+            conn.execute(devices.update().where(devices.c.name == row["device"]).values(next_seq=dev["next_seq"] + 1))
+            conn.execute(requests.insert().values(
+                **row, seq=dev["next_seq"], phase="queued", status=TransferStatus.WAITING.value,
+                created_at=now, updated_at=now,
+            ))
+
+    def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
+        q = sa.select(requests).where(requests.c.id == request_id, requests.c.removed.is_(False))
+        if app_id is not None:
+            q = q.where(requests.c.app_id == app_id)
+        with self.tx() as conn:
+            row = conn.execute(q).mappings().first()
+        return dict(row) if row else None
+
+    def list(self, app_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(requests).where(requests.c.removed.is_(False)).order_by(requests.c.seq)
+        if app_id is not None:
+            q = q.where(requests.c.app_id == app_id)
+        if device is not None:
+            q = q.where(requests.c.device == device)
+        with self.tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def _owned(self, conn: Connection, app_id: str, request_id: str) -> Mapping[str, Any]:
+        row = conn.execute(
+            sa.select(requests).where(
+                requests.c.id == request_id, requests.c.app_id == app_id, requests.c.removed.is_(False)
+            )
+        ).mappings().first()
+        if row is None:  # the same answer whether it is absent or another app's
+            raise TransferError(f"no request {request_id!r} for app {app_id!r}")
+        return row
+
+    def remove(self, app_id: str, request_id: str) -> tuple[dict[str, Any], bool]:
+        """Forget a request; returns (row, still_running). A running one stops at its next tick."""
+        with self.tx() as conn:
+            row = dict(self._owned(conn, app_id, request_id))
+            self._lock_device(conn, row["device"])
+            where = requests.c.id == request_id
+            if row["phase"] == "running":
+                conn.execute(requests.update().where(where).values(removed=True, control="cancel"))
+                return row, True
+            conn.execute(requests.delete().where(where))
+            return row, False
+
+    def pause(self, app_id: str, request_id: str) -> None:
+        with self.tx() as conn:
+            row = self._owned(conn, app_id, request_id)
+            self._lock_device(conn, row["device"])
+            if row["phase"] == "done":
+                raise TransferError(f"request {request_id} is already completed")
+            if row["phase"] == "running":
+                values: dict[str, Any] = {"control": "pause"}
+            else:  # queued, admitted (its message becomes stale) or already paused
+                values = {"phase": "paused", "status": TransferStatus.PAUSED.value,
+                          "wait_reason": "paused by the app", "lease_token": row["lease_token"] + 1,
+                          "lease_expires": None}
+            conn.execute(requests.update().where(requests.c.id == request_id).values(
+                updated_at=time.time(), **values))
+
+    def resume(self, app_id: str, request_id: str) -> None:
+        with self.tx() as conn:
+            row = self._owned(conn, app_id, request_id)
+            self._lock_device(conn, row["device"])
+            if row["phase"] == "done":
+                raise TransferError(f"request {request_id} is already completed")
+            values: dict[str, Any] = {"control": None}
+            if row["phase"] == "paused":
+                values.update(phase="queued", status=TransferStatus.WAITING.value, wait_reason=None,
+                              not_before=0.0)
+            conn.execute(requests.update().where(requests.c.id == request_id).values(
+                updated_at=time.time(), **values))
+
+    # ------------------------------------------------------------------ admission
+    def promote(self, device: str, s: Settings, now: float | None = None) -> list[tuple[str, int]]:
+        """One atomic admission pass for a device: reclaim expired leases, decide every waiting
+        request, and give free slots round-robin. Returns (request_id, token) to dispatch."""
+        now = time.time() if now is None else now
+        with self.tx() as conn:
+            dev = self._lock_device(conn, device)
+            cond = _conditions(dev["conditions"], now)
+            on_dev = requests.c.device == device
+            expired = sa.and_(on_dev, requests.c.phase.in_(ACTIVE), requests.c.lease_expires < now)
+            conn.execute(requests.delete().where(expired, requests.c.removed.is_(True)))
+            conn.execute(requests.update().where(expired).values(
+                phase="queued", status=TransferStatus.WAITING.value, wait_reason="lease expired; resuming",
+                lease_expires=None, control=None, updated_at=now))
+            active = conn.execute(
+                sa.select(sa.func.count()).where(on_dev, requests.c.phase.in_(ACTIVE))
+            ).scalar()
+            rows = conn.execute(
+                sa.select(requests.c.id, requests.c.app_id, requests.c.direction, requests.c.preferences,
+                          requests.c.status, requests.c.wait_reason, requests.c.total_bytes_to_receive,
+                          requests.c.total_bytes_to_send, requests.c.lease_token)
+                .where(on_dev, requests.c.phase == "queued", requests.c.not_before <= now)
+                .order_by(requests.c.seq)
+            ).mappings().all()
+            admissible: list[tuple[str, str]] = []
+            tokens: dict[str, int] = {}
+            for r in rows:
+                size = r["total_bytes_to_send"] if r["direction"] == "upload" else r["total_bytes_to_receive"]
+                d = policy.decide(policy.Candidate(
+                    r["app_id"], r["direction"], TransferPreferences(r["preferences"]), size), cond, s)
+                if d.action == "admit":
+                    admissible.append((r["app_id"], r["id"]))
+                    tokens[r["id"]] = r["lease_token"] + 1
+                    continue
+                values: dict[str, Any] = {"status": d.status.value, "wait_reason": d.reason}
+                if d.action == "fail":
+                    values.update(phase="done", error=d.reason, completed_at=now, wait_reason=None)
+                if d.preferences is not None:
+                    values["preferences"] = d.preferences.value
+                if any(r.get(k) != v for k, v in values.items()):
+                    conn.execute(requests.update().where(requests.c.id == r["id"]).values(
+                        updated_at=now, **values))
+            free = s.max_concurrent_per_device - active
+            if free <= 0 or not admissible:
+                return []
+            turns = dict(conn.execute(
+                sa.select(app_turns.c.app_id, app_turns.c.last_admit_seq).where(app_turns.c.device == device)
+            ).all())
+            picked = policy.round_robin(admissible, turns, free)
+            seq = dev["admit_seq"]
+            app_of = {rid: app for app, rid in admissible}
+            for rid in picked:
+                seq += 1
+                conn.execute(requests.update().where(requests.c.id == rid).values(
+                    phase="admitted", lease_token=tokens[rid], lease_expires=now + s.dispatch_seconds,
+                    wait_reason=None, updated_at=now))
+                stmt = self._insert(app_turns).values(device=device, app_id=app_of[rid], last_admit_seq=seq)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["device", "app_id"], set_={"last_admit_seq": seq}))
+            conn.execute(devices.update().where(devices.c.name == device).values(admit_seq=seq))
+            return [(rid, tokens[rid]) for rid in picked]
+
+    # ------------------------------------------------------------------ attempts (fenced)
+    def claim(self, request_id: str, token: int, owner: str, s: Settings) -> dict[str, Any] | None:
+        """Start an admitted request; None if this wake-up is stale or a duplicate."""
+        now = time.time()
+        with self.tx() as conn:
+            res = conn.execute(
+                requests.update()
+                .where(requests.c.id == request_id, requests.c.lease_token == token,
+                       requests.c.phase == "admitted")
+                .values(phase="running", status=TransferStatus.TRANSFERRING.value, wait_reason=None,
+                        lease_owner=owner, lease_expires=now + s.lease_seconds,
+                        attempts=requests.c.attempts + 1, updated_at=now)
+                .returning(*requests.c)
+            ).mappings().first()
+            return dict(res) if res else None
+
+    def heartbeat(self, request_id: str, token: int, lease_seconds: float, **fields: Any) -> str | None:
+        """Renew the lease and record progress; returns the app's control ('pause'/'cancel')."""
+        now = time.time()
+        with self.tx() as conn:
+            row = conn.execute(
+                requests.update()
+                .where(requests.c.id == request_id, requests.c.lease_token == token,
+                       requests.c.phase == "running")
+                .values(lease_expires=now + lease_seconds, updated_at=now, **fields)
+                .returning(requests.c.control)
+            ).first()
+        if row is None:
+            raise LeaseLost(request_id)
+        return row.control
+
+    def finish(self, request_id: str, token: int, **fields: Any) -> dict[str, Any]:
+        """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
+        now = time.time()
+        with self.tx() as conn:
+            where = sa.and_(requests.c.id == request_id, requests.c.lease_token == token,
+                            requests.c.phase == "running")
+            row = conn.execute(sa.select(requests).where(where)).mappings().first()
+            if row is None:
+                raise LeaseLost(request_id)
+            if row["removed"]:
+                conn.execute(requests.delete().where(where))
+                return {**row, "phase": "removed"}
+            if row["control"] == "pause" and fields.get("phase") != "done":
+                fields.update(phase="paused", status=TransferStatus.PAUSED.value,
+                              wait_reason="paused by the app", control=None)
+            conn.execute(requests.update().where(where).values(
+                lease_expires=None, lease_owner=None, updated_at=now, **fields))
+            return {**row, **fields}
+
+
+def _conditions(stored: Mapping[str, Any], now: float) -> policy.Conditions:
+    fg = stored.get("foreground", {})
+    known = {k: v for k, v in stored.items() if k != "foreground"}
+    return policy.Conditions(**known, foreground=policy.foreground_apps(fg.items(), now))
+
+
+def _create_v1(conn: Connection) -> None:
+    meta.create_all(conn, tables=[requests, devices, app_turns])
+
+
+MIGRATIONS = ((1, _create_v1),)
+
+
+def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:
+    """The public view of a stored row."""
+    down = row["local_path"] if row["direction"] == "download" else None
+    up = row["local_path"] if row["direction"] == "upload" else None
+    req = BackgroundTransferRequest(
+        row["url"], row["method"], download_location=down, upload_location=up,
+        headers=row["headers"], transfer_preferences=TransferPreferences(row["preferences"]),
+        tag=row["tag"], expected_sha256=row["expected_sha256"],
+    )
+    req.request_id, req.app_id = row["id"], row["app_id"]
+    req.transfer_status = TransferStatus(row["status"])
+    req.bytes_received, req.total_bytes_to_receive = row["bytes_received"], row["total_bytes_to_receive"]
+    req.bytes_sent, req.total_bytes_to_send = row["bytes_sent"], row["total_bytes_to_send"]
+    req.status_code, req.transfer_error, req.wait_reason = row["status_code"], row["error"], row["wait_reason"]
+    return req

@@ -1,0 +1,99 @@
+"""One attempt of one request, between the store and the engine: claim, run, record the outcome.
+
+Celery-free so it can be called from a task, a test or a benchmark alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from . import _engine as engine
+from . import _policy as policy
+from ._exceptions import LeaseLost, TransferError
+from ._models import TransferStatus
+from ._settings import Settings
+from ._store import Store
+
+log = logging.getLogger("bgtransfer.worker")
+
+
+
+class StoreLease:
+    """The engine's Lease, fenced by (request id, token) in the store."""
+
+    def __init__(self, store: Store, request_id: str, token: int, s: Settings) -> None:
+        self.store, self.request_id, self.token, self.s = store, request_id, token, s
+
+    def renew(self, **fields: Any) -> str | None:
+        return self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, **fields)
+
+
+def job_from_row(row: dict[str, Any]) -> engine.Job:
+    parts = policy.check_sandbox_path(row["local_path"], "local_path")
+    return engine.Job(
+        request_id=row["id"], app_id=row["app_id"], method=row["method"], url=row["url"],
+        headers=dict(row["headers"]), direction=row["direction"], parts=parts,
+        expected_sha256=row["expected_sha256"], validator=row["validator"],
+        known_total=row["total_bytes_to_receive"],
+    )
+
+
+def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engine.Outcome | None:
+    """Claim the request with ``token`` and run one attempt; None if the wake-up was stale."""
+    row = store.claim(request_id, token, f"{socket.gethostname()}:{os.getpid()}", s)
+    if row is None:
+        return None
+    cond = store.conditions(row["device"])
+    limits = engine.Limits(
+        max_bytes=policy.size_cap(row["direction"], cond, s),
+        min_rate=policy.min_rate(cond, s), window=s.min_rate_window,
+    )
+    lease = StoreLease(store, request_id, token, s)
+    try:
+        out = engine.run(job_from_row(row), lease, limits, s)
+    except TransferError as exc:  # the sandbox changed under us (a symlink swapped in, a file gone)
+        out = engine.Outcome("failed", str(exc))
+    except OSError as exc:  # disk full and the like: keep the partial file, try again later
+        out = engine.Outcome("retry", f"local file error: {exc.strerror or exc}")
+    try:
+        record_outcome(store, s, row, token, out)
+    except LeaseLost:
+        log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
+    return out
+
+
+def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome) -> None:
+    """Turn an attempt's outcome into the request's next state, and give the slot back."""
+    if out.kind == "lost":
+        return
+    now = time.time()
+    down = row["direction"] == "download"
+    fields: dict[str, Any] = {"status_code": out.status_code}
+    if out.total is not None:
+        fields["total_bytes_to_receive" if down else "total_bytes_to_send"] = out.total
+    fields["bytes_received" if down else "bytes_sent"] = out.bytes_done
+    if out.validator is not None or out.kind == "completed":
+        fields["validator"] = out.validator
+    if out.degraded:
+        fields["degraded"] = out.degraded
+    kind, error = out.kind, out.error
+    if kind in ("retry", "slow") and row["attempts"] >= s.max_attempts:
+        kind, error = "failed", f"gave up after {row['attempts']} attempts: {error}"
+    if kind in ("completed", "failed"):
+        fields.update(phase="done", status=TransferStatus.COMPLETED.value, error=error, wait_reason=None,
+                      completed_at=now)
+    elif kind in ("retry", "slow"):
+        fields.update(
+            phase="queued", wait_reason=error,
+            status=(TransferStatus.PAUSED if kind == "slow" else TransferStatus.WAITING).value,
+            not_before=now + policy.backoff(row["attempts"], s, out.retry_after),
+        )
+    elif kind == "paused":
+        fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
+    # "cancelled": the row is marked removed; finish() deletes it
+    store.finish(row["id"], token, **fields)
+    log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")

@@ -1,0 +1,210 @@
+"""The ``bgtransfer`` command: run workers and manage requests from a shell.
+
+Errors print one line (``error: ...``) and exit 1; ``add --wait`` exits 1 when the transfer
+ends with an error, 0 when it completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from . import _policy as policy
+from ._exceptions import TransferError
+from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
+from ._service import BackgroundTransferService
+from ._settings import load
+
+APP = click.option("--app", "app_id", default=lambda: os.environ.get("BGTRANSFER_APP", "default"),
+                   show_default="$BGTRANSFER_APP or default", help="The app (tenant) the requests belong to.")
+DEVICE = click.option("--device", default=None, help="The device (transfer pool); default $BGTRANSFER_DEVICE.")
+PREFS = {p.value.lower().replace("_", "-"): p for p in TransferPreferences}
+
+
+class _Group(click.Group):
+    """Turn the service's errors into one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (TransferError, ValueError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """Background HTTP/HTTPS file transfers as Celery tasks."""
+
+
+def _run_worker(device: str | None, concurrency: int | None, loglevel: str) -> None:
+    if device:
+        os.environ["BGTRANSFER_DEVICE"] = policy.check_app_id(device)  # same syntax as app ids
+    s = load()
+    from ._celery import app
+
+    argv = ["worker", "-Q", s.queue, "-n", f"{s.device}.%h.{os.getpid()}", "-l", loglevel,
+            "-c", str(concurrency or s.max_concurrent_per_device + 2), "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+
+
+@main.command()
+@DEVICE
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--loglevel", default="INFO")
+def serve(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
+    """Run a whole device on this machine (embedded defaults: no server needed)."""
+    s = load()
+    click.echo(f"bgtransfer: data root {s.root}, state {s.store_url.split('://')[0]}, "
+               f"broker {s.broker_url or 'filesystem (embedded)'}", err=True)
+    _run_worker(device, concurrency, loglevel)
+
+
+@main.command()
+@DEVICE
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--loglevel", default="INFO")
+def worker(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
+    """Run a Celery worker for one device."""
+    _run_worker(device, concurrency, loglevel)
+
+
+def _line(r: BackgroundTransferRequest) -> str:
+    if r.upload_location:
+        done, total, where = r.bytes_sent, r.total_bytes_to_send, r.upload_location
+    else:
+        done, total, where = r.bytes_received, r.total_bytes_to_receive, r.download_location
+    extra = r.transfer_error or r.wait_reason or ""
+    return f"{r.request_id}  {r.transfer_status.value:<12} {done}/{total if total is not None else '?'}  " \
+           f"{r.method} {r.request_uri} {where}  {extra}".rstrip()
+
+
+@main.command()
+@click.argument("url")
+@click.argument("path")
+@APP
+@click.option("--method", type=click.Choice(["GET", "POST"], case_sensitive=False), default=None)
+@click.option("--upload", is_flag=True, help="PATH is the file to send (POST).")
+@click.option("--header", "headers", multiple=True, help='A header "Name: value" (repeatable).')
+@click.option("--preferences", type=click.Choice(list(PREFS)), default="none")
+@click.option("--tag", default=None)
+@click.option("--sha256", default=None, help="Expected sha256 of the download.")
+@click.option("--wait", is_flag=True, help="Return when the request completes; exit 1 if it failed.")
+def add(url: str, path: str, app_id: str, method: str | None, upload: bool, headers: tuple[str, ...],
+        preferences: str, tag: str | None, sha256: str | None, wait: bool) -> None:
+    """Add a transfer; prints its id."""
+    hdrs: dict[str, str] = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise TransferError(f"header {h!r} is not of the form 'Name: value'")
+        hdrs[name.strip()] = value.strip()
+    req = BackgroundTransferRequest(
+        url, (method or ("POST" if upload else "GET")).upper(),
+        download_location=None if upload else path, upload_location=path if upload else None,
+        headers=hdrs, transfer_preferences=PREFS[preferences], tag=tag, expected_sha256=sha256,
+    )
+    svc = BackgroundTransferService(app_id)
+    svc.add(req)
+    click.echo(req.request_id)
+    if wait:
+        final = _follow(svc, req.request_id, quiet=True)
+        click.echo(_line(final))
+        if final.transfer_error:
+            sys.exit(1)
+
+
+def _follow(svc: BackgroundTransferService, request_id: str, quiet: bool) -> BackgroundTransferRequest:
+    last = ""
+    while True:
+        r = svc.find(request_id)
+        if r is None:
+            raise TransferError(f"request {request_id} was removed")
+        line = _line(r)
+        if not quiet and line != last:
+            click.echo(line)
+            last = line
+        if r.transfer_status == TransferStatus.COMPLETED:
+            return r
+        time.sleep(0.2)
+
+
+@main.command(name="list")
+@APP
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_(app_id: str, as_json: bool) -> None:
+    """List the app's requests."""
+    for r in BackgroundTransferService(app_id).requests:
+        click.echo(json.dumps(r.to_dict()) if as_json else _line(r))
+
+
+@main.command()
+@click.argument("request_id")
+@APP
+@click.option("--follow", is_flag=True, help="Print each change until the request completes.")
+def show(request_id: str, app_id: str, follow: bool) -> None:
+    """Show one request (as JSON), or follow it."""
+    svc = BackgroundTransferService(app_id)
+    if follow:
+        _follow(svc, request_id, quiet=False)
+        return
+    r = svc.find(request_id)
+    if r is None:
+        raise TransferError(f"no request {request_id!r} for app {app_id!r}")
+    click.echo(json.dumps(r.to_dict(), indent=2))
+
+
+def _simple(name: str, verb: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("request_id")
+    @APP
+    def command(request_id: str, app_id: str) -> None:
+        getattr(BackgroundTransferService(app_id), verb)(request_id)
+        click.echo(f"{name}: {request_id}")
+
+
+_simple("remove", "remove", "Cancel and forget a request (partial data is deleted).")
+_simple("pause", "pause", "Pause a request, keeping the bytes held.")
+_simple("resume", "resume", "Resume a paused request.")
+
+
+@main.group()
+def conditions() -> None:
+    """Show or set a device's network, power and data-cost conditions."""
+
+
+@conditions.command(name="show")
+@DEVICE
+def conditions_show(device: str | None) -> None:
+    cond = BackgroundTransferService(device=device).conditions()
+    click.echo(json.dumps({**vars(cond), "foreground": sorted(cond.foreground)}, indent=2))
+
+
+@conditions.command(name="set")
+@DEVICE
+@click.option("--network", type=click.Choice(policy.NETWORKS), default=None)
+@click.option("--power", type=click.Choice(policy.POWERS), default=None)
+@click.option("--roaming/--no-roaming", default=None)
+@click.option("--over-data-limit/--no-over-data-limit", default=None)
+@click.option("--approaching-data-limit/--no-approaching-data-limit", default=None)
+def conditions_set(device: str | None, **changes: Any) -> None:
+    changes = {k: v for k, v in changes.items() if v is not None}
+    cond = BackgroundTransferService(device=device).set_conditions(**changes)
+    click.echo(json.dumps({**vars(cond), "foreground": sorted(cond.foreground)}, indent=2))
+
+
+@main.command()
+@click.argument("app_id")
+@DEVICE
+@click.option("--ttl", type=float, default=60.0, show_default=True, help="Seconds the app stays foreground.")
+def foreground(app_id: str, device: str | None, ttl: float) -> None:
+    """Mark an app as in the foreground (2G and over-data-limit transfers may then run)."""
+    BackgroundTransferService(app_id, device=device).set_foreground(ttl)
+    click.echo(f"{app_id} in the foreground for {ttl:g} s")
