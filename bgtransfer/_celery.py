@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from . import _worker
+from ._celeryconf import celery_config
 from ._models import BackgroundTransferRequest
 from ._service import BackgroundTransferService, store_for
 from ._settings import Settings, load, queue_name
@@ -23,17 +24,26 @@ log = logging.getLogger("bgtransfer.celery")
 
 app = Celery("bgtransfer")
 app.config_from_object("celeryconfig")
+_senders: dict[tuple[str, str], Celery] = {}
 
 
-def dispatch(picks: list[tuple[str, int]], device: str) -> None:
-    for request_id, token in picks:
-        app.send_task("bgtransfer.transfer", args=(request_id, token), queue=queue_name(device))
+def sender_for(s: Settings) -> Celery:
+    """A Celery app to send with for these settings: the worker's own when they match the
+    environment, else one made from them (a process may talk to several devices or brokers)."""
+    key = (s.broker_url, s.data_root)
+    if key not in _senders:
+        env = load()
+        _senders[key] = app if (env.broker_url, env.data_root) == key else Celery(
+            "bgtransfer", set_as_current=False, config_source=celery_config(s))
+    return _senders[key]
 
 
 def kick(s: Settings, device: str) -> int:
     """Run an admission pass for ``device`` and wake a worker for each request it admits."""
     picks = store_for(s).promote(device, s)
-    dispatch(picks, device)
+    sender = sender_for(s)
+    for request_id, token in picks:
+        sender.send_task("bgtransfer.transfer", args=(request_id, token), queue=queue_name(device))
     return len(picks)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from ._exceptions import TransferError
@@ -83,7 +84,8 @@ class BackgroundTransferRequest:
         self.app_id: str | None = None
         self.request_uri = request_uri
         self.method = method
-        self.headers: dict[str, str] = dict(headers or {})
+        # kept as given when not a mapping, so add() can name the mistake
+        self.headers: dict[str, str] = dict(headers) if isinstance(headers, Mapping) else (headers or {})
         self.download_location = download_location
         self.upload_location = upload_location
         self.transfer_preferences = transfer_preferences
@@ -101,7 +103,7 @@ class BackgroundTransferRequest:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict: what the Celery tasks take and return."""
         d = {name: getattr(self, name) for name in (*STATE_FIELDS, *INPUT_FIELDS)}
-        d["headers"] = dict(self.headers)
+        d["headers"] = dict(self.headers) if isinstance(self.headers, Mapping) else self.headers
         d["transfer_preferences"] = _value(self.transfer_preferences)
         d["transfer_status"] = _value(self.transfer_status)
         return d

@@ -195,6 +195,8 @@ class Store:
         now = time.time()
         with self.tx() as conn:
             dev = self._lock_device(conn, row["device"])
+            if conn.execute(sa.select(requests.c.id).where(requests.c.id == row["id"])).first():
+                raise TransferError(f"request {row['id']} was already added")
             live = requests.c.removed.is_(False)
             n_app = conn.execute(
                 sa.select(sa.func.count()).where(requests.c.app_id == row["app_id"], live)
@@ -222,8 +224,6 @@ class Store:
                     raise TransferError(
                         f"{row['local_path']} is already the target of request {dup.id}"
                     )
-            if conn.execute(sa.select(requests.c.id).where(requests.c.id == row["id"])).first():
-                raise TransferError(f"request {row['id']} was already added")
             conn.execute(devices.update().where(devices.c.name == row["device"]).values(next_seq=dev["next_seq"] + 1))
             conn.execute(requests.insert().values(
                 **row, seq=dev["next_seq"], phase="queued", status=TransferStatus.WAITING.value,

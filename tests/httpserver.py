@@ -141,7 +141,7 @@ class _Body:
         if self.data is not None:
             view = memoryview(self.data)[offset : offset + count]
             while view:
-                n = sock.send(view)
+                n = sock.send(view[: 1 << 20])
                 progress(n)
                 view = view[n:]
             return
@@ -178,8 +178,11 @@ class _Pacer:
     def piece(self) -> int:
         return _piece_size(self._owner._rate(self._path))
 
-    def after(self, n: int) -> None:
-        """Sleep until ``n`` more bytes are allowed; return early if the rate changes."""
+    def wait(self, n: int) -> None:
+        """Sleep until ``n`` more bytes may go out; return early if the rate changes meanwhile.
+
+        Called before each piece, so the last piece is not followed by a pointless sleep.
+        """
         rate = self._owner._rate(self._path)
         if not rate:
             self._rate = None
@@ -187,15 +190,14 @@ class _Pacer:
         now = time.monotonic()
         if rate != self._rate:
             self._rate, self._due = rate, now
-        self._due = max(self._due, now - 0.1) + n / rate  # allow at most a 0.1 s catch-up burst
+        self._due = max(self._due, now - 0.1)  # after a stall or a slow client, allow at most a 0.1 s burst
         stopping = self._owner._stopping
         while not stopping.is_set():
             delay = self._due - time.monotonic()
-            if delay <= 0:
-                return
+            if delay <= 0 or self._owner._rate(self._path) != rate:
+                break
             stopping.wait(min(delay, 0.05))
-            if self._owner._rate(self._path) != rate:
-                return
+        self._due += n / rate
 
 
 def _request_path(target: str) -> str:
@@ -347,23 +349,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         upload = method in ("POST", "PUT")
         has_body = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
 
-        if has_body and not upload:
-            self._read_body(owner, path)  # keep the connection usable
+        refusal: tuple[int, dict[str, str]] | None = None
         if b.expect_method and method != b.expect_method.upper():
-            if upload:
-                self._read_body(owner, path)
-            self._simple(405, {"Allow": b.expect_method.upper()})
-            return
-        status = owner._next_status(path)
-        if status is not None:
-            if upload:
-                self._read_body(owner, path)
-            self._simple(status[0], status[1])
-            return
-        if b.redirect_to is not None:
-            if upload:
-                self._read_body(owner, path)
-            self._simple(b.redirect_code, {"Location": b.redirect_to})
+            refusal = (405, {"Allow": b.expect_method.upper()})
+        elif (status := owner._next_status(path)) is not None:
+            refusal = status
+        elif b.redirect_to is not None:
+            refusal = (b.redirect_code, {"Location": b.redirect_to})
+        if has_body and (refusal is not None or not upload):
+            # Drain bodies we will not use: closing with unread input would reset the connection
+            # and could destroy the answer before the client reads it.
+            self._read_body(owner, path)
+        if refusal is not None:
+            self._simple(*refusal)
             return
 
         if upload:
@@ -522,13 +520,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 n = min(n, drop_at - sent)
             if stall_at is not None:
                 n = min(n, stall_at - sent)
+            pacer.wait(n)
             if chunked:
                 sock.sendall(b"%x\r\n" % n)
             body.send(sock, start + sent, n, progress)
             if chunked:
                 sock.sendall(b"\r\n")
             sent += n
-            pacer.after(n)
         if chunked:
             sock.sendall(b"0\r\n\r\n")
 
@@ -548,14 +546,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 n = min(count, pacer.piece() if pacer else _UPLOAD_PIECE)
                 if limit is not None:
                     n = min(n, limit - got)
+                if pacer:
+                    pacer.wait(n)
                 data = self.rfile.read(n)
                 if len(data) < n:
                     raise ConnectionAbortedError("client closed during request body")
                 parts.append(data)
                 got += n
                 count -= n
-                if pacer:
-                    pacer.after(n)
             return True
 
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -802,6 +800,16 @@ class FileServer:
         """Most requests in flight at once since start or the last reset_stats()."""
         with self._lock:
             return self._max_concurrent
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no request is in flight; a client can finish reading before the server logs the end."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(0.005)
+        return False
 
     def reset_stats(self) -> None:
         """Forget logged requests and uploads; max_concurrent restarts from the current in-flight count."""

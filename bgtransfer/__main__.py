@@ -1,0 +1,3 @@
+from bgtransfer.cli import main
+
+main()

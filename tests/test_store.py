@@ -1,0 +1,121 @@
+"""The state store on SQLite and on PostgreSQL: caps, leases, fencing, reclaim, round-robin."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from bgtransfer import BackgroundTransferRequest, Settings, TransferStatus
+from bgtransfer._exceptions import LeaseLost
+from bgtransfer._store import Store, schema
+from tests.conftest import STORES, Deployment
+
+
+@pytest.fixture(params=STORES)
+def env(request: pytest.FixtureRequest, tmp_path) -> tuple[Store, Settings, Deployment]:
+    import contextlib
+
+    from tests.conftest import make_deployment
+
+    with contextlib.ExitStack() as stack:
+        dep = make_deployment(tmp_path, *request.param, stack)
+        s = dep.settings
+        yield Store(s.store_url), s, dep
+
+
+def add(store: Store, s: Settings, app: str, n: int, device: str) -> list[str]:
+    ids = []
+    for i in range(n):
+        r = BackgroundTransferRequest("http://127.0.0.1/x", download_location=f"/shared/transfers/{app}{i}")
+        store.insert({"id": r.request_id, "device": device, "app_id": app, "method": "GET", "url": r.request_uri,
+                      "headers": {}, "direction": "download", "local_path": r.download_location,
+                      "preferences": "NONE", "tag": None, "expected_sha256": None}, s)
+        ids.append(r.request_id)
+    return ids
+
+
+def test_migrate_is_idempotent_and_versioned(env) -> None:
+    store, s, dep = env
+    Store(s.store_url)  # a second process starting up
+    with store.tx() as conn:
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1]
+
+
+def test_cap_fencing_and_release(env) -> None:
+    store, s, dep = env
+    a = add(store, s, "a", 3, dep.device)
+    picks = store.promote(dep.device, s)
+    assert [rid for rid, _ in picks] == a[:2]  # the cap of 2
+    assert store.promote(dep.device, s) == []  # nothing more while both slots are held
+    (rid, token) = picks[0]
+    assert store.claim(rid, token + 1, "w", s) is None  # a stale or forged token
+    row = store.claim(rid, token, "w", s)
+    assert row is not None and row["status"] == TransferStatus.TRANSFERRING.value and row["attempts"] == 1
+    assert store.claim(rid, token, "w2", s) is None  # a duplicate delivery
+    assert store.heartbeat(rid, token, 5, bytes_received=10) is None
+    with pytest.raises(LeaseLost):
+        store.heartbeat(rid, token - 1, 5, bytes_received=99)
+    store.finish(rid, token, phase="done", status="COMPLETED")
+    with pytest.raises(LeaseLost):  # a finished attempt cannot write again
+        store.heartbeat(rid, token, 5)
+    assert [r for r, _ in store.promote(dep.device, s)] == [a[2]]
+    assert store.get(rid)["bytes_received"] == 10
+
+
+def test_expired_lease_is_reclaimed_and_its_writer_fenced(env) -> None:
+    store, s, dep = env
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "dead", s)
+    later = time.time() + s.lease_seconds + 1
+    [(rid2, token2)] = store.promote(dep.device, s, now=later)  # the dead worker's slot comes back
+    assert rid2 == rid and token2 == token + 1
+    with pytest.raises(LeaseLost):
+        store.heartbeat(rid, token, 5, bytes_received=1)
+    with pytest.raises(LeaseLost):
+        store.finish(rid, token, phase="done", status="COMPLETED")
+
+
+def test_round_robin_start_order_across_apps(env) -> None:
+    store, s, dep = env
+    a = add(store, s, "a", 3, dep.device)
+    b = add(store, s, "b", 2, dep.device)
+    c = add(store, s, "c", 1, dep.device)
+    order = []
+    for _ in range(6):
+        picks = store.promote(dep.device, s)
+        for rid, token in picks:
+            order.append(rid)
+            store.claim(rid, token, "w", s)
+            store.finish(rid, token, phase="done", status="COMPLETED")
+    assert order == [a[0], b[0], c[0], a[1], b[1], a[2]]
+
+
+def test_conditions_decide_and_persist(env) -> None:
+    store, s, dep = env
+    (rid,) = add(store, s, "a", 1, dep.device)
+    store.set_conditions(dep.device, {"network": "cellular"})
+    assert store.promote(dep.device, s) == []
+    assert store.get(rid)["status"] == TransferStatus.WAITING_FOR_WIFI.value
+    store.set_conditions(dep.device, {"foreground": {"a": time.time() + 60}})
+    cond = store.conditions(dep.device)
+    assert cond.network == "cellular" and cond.foreground == frozenset({"a"})
+    store.set_conditions(dep.device, {"network": "wifi"})
+    assert [r for r, _ in store.promote(dep.device, s)] == [rid]
+
+
+def test_remove_of_a_running_request_waits_for_its_worker(env) -> None:
+    store, s, dep = env
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    row, running = store.remove("a", rid)
+    assert running and store.get(rid) is None  # gone for the app at once
+    assert store.heartbeat(rid, token, 5) == "cancel"  # the worker learns at its next tick
+    assert store.finish(rid, token, phase="queued", status="WAITING")["phase"] == "removed"
+    with store.tx() as conn:
+        from bgtransfer._store import requests
+
+        assert conn.execute(sa.select(sa.func.count()).select_from(requests)).scalar() == 0
