@@ -9,6 +9,7 @@ short transaction, safe to run from many hosts at once, and needs no beat single
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -84,8 +85,18 @@ def remove(app_id: str, request_id: str) -> dict[str, Any]:
     return req.to_dict() if req else {}
 
 
+# The pool forks children from the main process while this pass may run in a thread of it; a
+# child forked while the pass holds a lock (imports, SQLAlchemy, kombu) never gets its tasks.
+# So a fork waits for a running pass to end, and a pass never starts during a fork.
+_pass_lock = threading.Lock()
+os.register_at_fork(before=_pass_lock.acquire, after_in_parent=_pass_lock.release,
+                    after_in_child=_pass_lock.release)
+
+
 class Sweeper(bootsteps.StartStopStep):
     """The periodic pass in the worker's main process: reclaim expired leases, admit, dispatch."""
+
+    requires = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -100,7 +111,8 @@ class Sweeper(bootsteps.StartStopStep):
         s = load()
         while not self.stopping.is_set():
             try:
-                kick(s, s.device)
+                with _pass_lock:
+                    kick(s, s.device)
             except Exception:  # a store or broker outage: the next pass tries again
                 log.exception("periodic pass failed")
             self.stopping.wait(s.sweep_interval)

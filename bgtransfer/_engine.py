@@ -446,7 +446,7 @@ def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
         c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
         try:
             lease.renew(total_bytes_to_send=size, bytes_sent=0)
-            err = _perform(c, att)
+            err = _perform(c)
             code = c.getinfo(pycurl.RESPONSE_CODE)
             sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
         finally:

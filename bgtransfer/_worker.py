@@ -59,6 +59,9 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         out = engine.Outcome("failed", str(exc))
     except OSError as exc:  # disk full and the like: keep the partial file, try again later
         out = engine.Outcome("retry", f"local file error: {exc.strerror or exc}")
+    except Exception as exc:  # a bug must still count against the retry budget, not loop forever
+        log.exception("request %s: attempt crashed", request_id)
+        out = engine.Outcome("retry", f"internal error: {exc!r}")
     try:
         record_outcome(store, s, row, token, out)
     except LeaseLost:

@@ -786,7 +786,10 @@ class FileServer:
         return [r for r in self.requests if r.path == path]
 
     def bytes_sent(self, path: str) -> int:
-        """File content bytes written for ``path`` across all requests (proves what a resume re-fetched)."""
+        """File content bytes written for ``path`` across all requests (proves what a resume re-fetched).
+
+        Counted right after each write, so call wait_idle() first for an exact total.
+        """
         return sum(r.body_bytes_sent for r in self.requests_for(path))
 
     @property
