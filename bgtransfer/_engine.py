@@ -28,10 +28,11 @@ from typing import Any, Literal, Protocol
 import pycurl
 
 from ._exceptions import LeaseLost
-from ._sandbox import open_file, parent_dir
+from ._sandbox import open_file, parent_dir, partial_name
 from ._settings import Settings
 
-Kind = Literal["completed", "failed", "retry", "slow", "paused", "cancelled", "lost"]
+# requeue: back to admission at once (the size learnt does not fit the current conditions)
+Kind = Literal["completed", "failed", "retry", "slow", "requeue", "paused", "cancelled", "lost"]
 CHUNK = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # libcurl errors that say the request itself can never work (others are worth a retry)
@@ -87,10 +88,6 @@ class Lease(Protocol):
     def renew(self, **fields: Any) -> str | None:
         """Record progress or facts (validator, total), extend the lease, and return the app's
         control ('pause'/'cancel') if any; raise LeaseLost if the attempt no longer owns it."""
-
-
-def partial_name(job: Job) -> str:
-    return f".{job.parts[-1]}.{job.request_id}.part"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -155,17 +152,21 @@ class _Hasher(threading.Thread):
                 self.wake.clear()
 
     def hexdigest(self, size: int) -> str:
-        self.written, self.finished = size, True
-        self.wake.set()
-        self.join()
-        os.close(self.fd)
+        self.written = size
+        self._end()
         return self.h.hexdigest()
 
     def abandon(self) -> None:
-        self.finished, self.written = True, 0
+        self.written = 0
+        self._end()
+
+    def _end(self) -> None:
+        self.finished = True
         self.wake.set()
         self.join()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Attempt:
@@ -205,9 +206,6 @@ class _Attempt:
             return self.stop("cancelled", "removed by the app")
         if control == "pause":
             return self.stop("paused", "paused by the app")
-        limit = self.limits.max_bytes
-        if limit is not None and max(fields.values(), default=0) > limit:
-            return self.stop("failed", f"transfer exceeds {limit} bytes allowed under current conditions")
         return self._check_rate(now, moved)
 
     def _check_rate(self, now: float, moved: int) -> int:
@@ -274,7 +272,7 @@ def _classify_curl(err: tuple[int, str], att: _Attempt) -> Outcome:
 def download(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
     """One attempt at a download: resume if possible, publish atomically when complete."""
     with parent_dir(s, job.app_id, job.parts, create=True) as dfd:
-        part = partial_name(job)
+        part = partial_name(job.parts, job.request_id)
         fd = open_file(dfd, part, os.O_RDWR | os.O_CREAT)
         try:
             try:
@@ -284,9 +282,7 @@ def download(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
             out = _Download(job, lease, limits, s, fd).run()
             if out.kind == "completed":
                 os.replace(part, job.parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
-            elif out.kind in ("failed", "cancelled"):
-                os.unlink(part, dir_fd=dfd)
-            return out
+            return out  # a failed or cancelled attempt's partial file is the caller's to delete
         finally:
             os.close(fd)
 
@@ -308,6 +304,7 @@ class _Download:
         self.degraded: list[str] = []
         self.hasher: _Hasher | None = None
         self.writing: bool | None = None  # None until the first body byte
+        self.cap = limits.max_bytes if limits.max_bytes is not None else 1 << 62
         self.att = _Attempt(job, lease, limits, s)
         self.att.progress_fields = lambda down, _up: {"bytes_received": self.offset + down}
 
@@ -336,7 +333,7 @@ class _Download:
             self.degraded.append("no validator")
         limit = self.limits.max_bytes
         if limit is not None and total is not None and total > limit:
-            att.stop("failed", f"download of {total} bytes exceeds {limit} allowed under current conditions")
+            att.stop("requeue", f"{total} bytes: too large for the current conditions")
             return False
         self.total = total
         try:  # the validator must be stored before the bytes it vouches for
@@ -373,13 +370,16 @@ class _Download:
                 return 0
             n += more
         self.pos += n
+        if self.pos > self.cap:  # rule 9 on the stream itself, for servers that sent no length
+            self.att.stop("requeue", f"more than {self.cap} bytes: too large for the current conditions")
+            return 0
         if self.hasher is not None:
             self.hasher.written = self.pos
             self.hasher.wake.set()
         return None
 
     def _outcome(self, kind: Kind, error: str | None, code: int | None, **kw: Any) -> Outcome:
-        if kind != "completed" and self.hasher is not None:
+        if self.hasher is not None:
             self.hasher.abandon()
         return Outcome(kind, error, code, bytes_done=self.pos, total=self.total, validator=self.validator,
                        degraded=", ".join(self.degraded) or None,

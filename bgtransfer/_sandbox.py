@@ -94,3 +94,14 @@ def upload_size(settings: Settings, app_id: str, parts: tuple[str, ...]) -> int:
             return os.fstat(fd).st_size
         finally:
             os.close(fd)
+
+
+def partial_name(parts: tuple[str, ...], request_id: str) -> str:
+    """The hidden partial file beside a download's target (same directory, so rename is atomic)."""
+    return f".{parts[-1]}.{request_id}.part"
+
+
+def delete_partial(settings: Settings, app_id: str, parts: tuple[str, ...], request_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError, MissingPathError), \
+            parent_dir(settings, app_id, parts, create=False) as dfd:
+        os.unlink(partial_name(parts, request_id), dir_fd=dfd)

@@ -6,17 +6,14 @@ single transaction, then asks for an admission pass; it never moves bytes itself
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from typing import Any
 
 from . import _policy as policy
-from ._engine import Job, partial_name
 from ._exceptions import TransferError
 from ._models import BackgroundTransferRequest, TransferStatus
-from ._sandbox import MissingPathError, check_target, parent_dir, upload_size
+from ._sandbox import check_target, delete_partial, upload_size
 from ._settings import Settings, load
 from ._store import Store, to_request
 
@@ -82,7 +79,8 @@ class BackgroundTransferService:
         """Cancel if running (stops within a second), free the slot, delete partial data."""
         row, running = self.store.remove(self.app_id, _id_of(request))
         if not running and row["direction"] == "download" and row["phase"] != "done":
-            self._delete_partial(row)
+            parts = policy.check_sandbox_path(row["local_path"], "download_location")
+            delete_partial(self.settings, self.app_id, parts, row["id"])
         self._kick()
 
     def pause(self, request: BackgroundTransferRequest | str) -> None:
@@ -116,13 +114,6 @@ class BackgroundTransferService:
             kick(self.settings, self.device)
         except Exception:  # the broker is down: the request is stored; the periodic pass dispatches it
             log.warning("could not dispatch now; a worker's periodic pass will", exc_info=True)
-
-    def _delete_partial(self, row: dict[str, Any]) -> None:
-        parts = policy.check_sandbox_path(row["local_path"], "download_location")
-        job = Job(row["id"], self.app_id, row["method"], row["url"], {}, "download", parts)
-        with contextlib.suppress(FileNotFoundError, MissingPathError), \
-                parent_dir(self.settings, self.app_id, parts, create=False) as dfd:
-            os.unlink(partial_name(job), dir_fd=dfd)
 
 
 def _id_of(request: BackgroundTransferRequest | str) -> str:

@@ -317,14 +317,16 @@ class Store:
             rows = conn.execute(
                 sa.select(requests.c.id, requests.c.app_id, requests.c.direction, requests.c.preferences,
                           requests.c.status, requests.c.wait_reason, requests.c.total_bytes_to_receive,
-                          requests.c.total_bytes_to_send, requests.c.lease_token)
+                          requests.c.total_bytes_to_send, requests.c.bytes_received, requests.c.lease_token)
                 .where(on_dev, requests.c.phase == "queued", requests.c.not_before <= now)
                 .order_by(requests.c.seq)
             ).mappings().all()
             admissible: list[tuple[str, str]] = []
             tokens: dict[str, int] = {}
             for r in rows:
-                size = r["total_bytes_to_send"] if r["direction"] == "upload" else r["total_bytes_to_receive"]
+                # a stream without Content-Length that outgrew a cap has a size of at least what arrived
+                size = r["total_bytes_to_send"] if r["direction"] == "upload" else max(
+                    r["total_bytes_to_receive"] or 0, r["bytes_received"]) or None
                 d = policy.decide(policy.Candidate(
                     r["app_id"], r["direction"], TransferPreferences(r["preferences"]), size), cond, s)
                 if d.action == "admit":

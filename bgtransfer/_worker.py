@@ -15,6 +15,7 @@ from . import _engine as engine
 from . import _policy as policy
 from ._exceptions import LeaseLost, TransferError
 from ._models import TransferStatus
+from ._sandbox import delete_partial
 from ._settings import Settings
 from ._store import Store
 
@@ -63,16 +64,19 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         log.exception("request %s: attempt crashed", request_id)
         out = engine.Outcome("retry", f"internal error: {exc!r}")
     try:
-        record_outcome(store, s, row, token, out)
+        final = record_outcome(store, s, row, token, out)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
+        return out
+    if final in ("failed", "cancelled") and row["direction"] == "download":
+        delete_partial(s, row["app_id"], policy.check_sandbox_path(row["local_path"], "local_path"), request_id)
     return out
 
 
-def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome) -> None:
-    """Turn an attempt's outcome into the request's next state, and give the slot back."""
+def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome) -> str:
+    """Turn an attempt's outcome into the request's next state, give the slot back; the final kind."""
     if out.kind == "lost":
-        return
+        return "lost"
     now = time.time()
     down = row["direction"] == "download"
     fields: dict[str, Any] = {"status_code": out.status_code}
@@ -95,8 +99,11 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
             status=(TransferStatus.PAUSED if kind == "slow" else TransferStatus.WAITING).value,
             not_before=now + policy.backoff(row["attempts"], s, out.retry_after),
         )
+    elif kind == "requeue":  # admission decides again with what was learnt (the size)
+        fields.update(phase="queued", status=TransferStatus.WAITING.value, wait_reason=error, not_before=0.0)
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it
     store.finish(row["id"], token, **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")
+    return kind
