@@ -1,9 +1,10 @@
 """Celery settings derived from bgtransfer's Settings (read by ``celeryconfig.py``).
 
-With no broker configured, the embedded default is Celery's ``filesystem://`` transport in
-folders under the data root: no server to install. It can lose a message when a whole worker
-is SIGKILLed; that is harmless because the state store is the record and every worker's
-periodic pass re-dispatches what a lost message did not start.
+With no broker configured, the embedded default is Celery's ``filesystem://`` transport
+(made safe for concurrent producers in ``_fsbroker.py``) in folders under the data root: no
+server to install. It can lose a message when a whole worker is SIGKILLed; that is harmless
+because the state store is the record and every worker's periodic pass re-dispatches what a
+lost message did not start.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         folder = os.path.join(s.data_root, "broker")
         for sub in ("messages", "processed", "control"):
             os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        conf["broker_url"] = "filesystem://"
+        conf["broker_url"] = "filesystem://localhost/"
+        conf["broker_transport"] = "bgtransfer._fsbroker:Transport"
         conf["broker_transport_options"] = {
             "data_folder_in": os.path.join(folder, "messages"),
             "data_folder_out": os.path.join(folder, "messages"),

@@ -21,6 +21,8 @@ import os
 import re
 import threading
 import time
+import urllib.parse
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
@@ -58,6 +60,7 @@ class Job:
     expected_sha256: str | None = None
     validator: str | None = None  # of the bytes already held in the partial file
     known_total: int | None = None
+    form_fields: dict[str, str] | None = None  # upload as multipart/form-data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,21 +430,51 @@ class _Download:
         return self._outcome("completed", None, code)
 
 
+class _Body:
+    """A request body streamed from the file: raw, or wrapped as one multipart/form-data part."""
+
+    def __init__(self, job: Job, f: Any, size: int) -> None:
+        self.f = f
+        self.head = self.tail = b""
+        if job.form_fields is None:
+            self.content_type = "application/octet-stream"
+        else:
+            boundary = uuid.uuid4().hex
+            self.content_type = f"multipart/form-data; boundary={boundary}"
+            fields = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                             for k, v in job.form_fields.items())
+            filename = urllib.parse.quote(job.parts[-1])
+            self.head = (fields + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                         f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+            self.tail = f"\r\n--{boundary}--\r\n".encode()
+        self.size = len(self.head) + size + len(self.tail)
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        data = self.f.read(n)
+        if data:
+            return data
+        out, self.tail = self.tail[:n], self.tail[n:]
+        return out
+
+
 def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
     """One attempt at a POST upload, streamed from the sandbox file (restarts from zero)."""
     with parent_dir(s, job.app_id, job.parts, create=False) as dfd:
         fd = open_file(dfd, job.parts[-1], os.O_RDONLY)
     with os.fdopen(fd, "rb", buffering=0) as f:
-        size = os.fstat(fd).st_size
+        body = _Body(job, f, os.fstat(fd).st_size)
+        size = body.size
         att = _Attempt(job, lease, limits, s)
         if limits.max_bytes is not None and size > limits.max_bytes:
             return Outcome("failed", f"upload of {size} bytes exceeds {limits.max_bytes} allowed")
         att.progress_fields = lambda _down, up: {"bytes_sent": up}
-        ctype = [] if any(k.lower() == "content-type" for k in job.headers) else [
-            "Content-Type: application/octet-stream"]
-        c = _curl(job, att, s, ["Expect:", *ctype])
+        given = any(k.lower() == "content-type" for k in job.headers) and job.form_fields is None
+        c = _curl(job, att, s, ["Expect:"] + ([] if given else [f"Content-Type: {body.content_type}"]))
         c.setopt(pycurl.POST, 1)
-        c.setopt(pycurl.READFUNCTION, f.read)
+        c.setopt(pycurl.READFUNCTION, body.read)
         c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
         c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
         try:

@@ -46,6 +46,7 @@ INPUT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "transfer_preferences": str,
     "tag": (str, type(None)),
     "expected_sha256": (str, type(None)),
+    "form_fields": (dict, type(None)),
 }
 STATE_FIELDS: tuple[str, ...] = (
     "request_id",
@@ -79,6 +80,7 @@ class BackgroundTransferRequest:
         transfer_preferences: TransferPreferences | str = TransferPreferences.NONE,
         tag: str | None = None,
         expected_sha256: str | None = None,
+        form_fields: dict[str, str] | None = None,
     ) -> None:
         self.request_id: str = uuid.uuid4().hex
         self.app_id: str | None = None
@@ -91,6 +93,7 @@ class BackgroundTransferRequest:
         self.transfer_preferences = transfer_preferences
         self.tag = tag
         self.expected_sha256 = expected_sha256
+        self.form_fields = form_fields  # an upload as multipart/form-data: these fields plus part "file"
         self.transfer_status = TransferStatus.NONE
         self.bytes_received = 0
         self.total_bytes_to_receive: int | None = None

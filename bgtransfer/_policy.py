@@ -107,6 +107,7 @@ class Checked:
     local_parts: tuple[str, ...]  # below the sandbox root
     tag: str | None
     expected_sha256: str | None
+    form_fields: dict[str, str] | None
 
 
 def check_request(req: BackgroundTransferRequest, settings: Settings) -> Checked:
@@ -137,7 +138,27 @@ def check_request(req: BackgroundTransferRequest, settings: Settings) -> Checked
     sha = req.expected_sha256
     if sha is not None and (not isinstance(sha, str) or not SHA256.fullmatch(sha.lower())):
         raise TransferError("expected_sha256 must be 64 hex digits")
-    return Checked(method, url, headers, prefs, direction, parts, req.tag, sha.lower() if sha else None)
+    form = check_form_fields(req.form_fields, direction, settings)
+    if form is not None and any(k.strip().lower() == "content-type" for k in headers):
+        raise NotSupportedError("header 'Content-Type' is set by the service for a form upload")
+    return Checked(method, url, headers, prefs, direction, parts, req.tag, sha.lower() if sha else None, form)
+
+
+def check_form_fields(fields: object, direction: str, settings: Settings) -> dict[str, str] | None:
+    """Fields of a multipart upload: token names (not "file", the file's part), string values."""
+    if fields is None:
+        return None
+    if direction != "upload":
+        raise TransferError("form_fields are only for uploads")
+    if not isinstance(fields, Mapping) or len(fields) > settings.max_headers:
+        raise TransferError(f"form_fields must be a mapping of at most {settings.max_headers} fields")
+    for name, value in fields.items():
+        if not isinstance(name, str) or not TOKEN.fullmatch(name) or name == "file":
+            raise TransferError(f"form field name {name!r} must be a token other than 'file'")
+        if not isinstance(value, str) or "\x00" in value or len(value.encode()) > settings.max_header_bytes:
+            raise TransferError(f"form field {name!r} must be a string without NUL of at most "
+                                f"{settings.max_header_bytes} bytes")
+    return dict(fields)
 
 
 # ---------------------------------------------------------------- admission (rules 7-12)

@@ -44,6 +44,7 @@ requests = sa.Table(
     sa.Column("preferences", sa.String(32), nullable=False),
     sa.Column("tag", sa.Text),
     sa.Column("expected_sha256", sa.String(64)),
+    sa.Column("form_fields", sa.JSON),
     # queued -> admitted -> running -> done; paused by the app; removed rows finish their stop
     sa.Column("phase", sa.String(16), nullable=False),
     sa.Column("status", sa.String(64), nullable=False),
@@ -432,7 +433,7 @@ def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:
     req = BackgroundTransferRequest(
         row["url"], row["method"], download_location=down, upload_location=up,
         headers=row["headers"], transfer_preferences=TransferPreferences(row["preferences"]),
-        tag=row["tag"], expected_sha256=row["expected_sha256"],
+        tag=row["tag"], expected_sha256=row["expected_sha256"], form_fields=row["form_fields"],
     )
     req.request_id, req.app_id = row["id"], row["app_id"]
     req.transfer_status = TransferStatus(row["status"])

@@ -39,7 +39,7 @@ def job_from_row(row: dict[str, Any]) -> engine.Job:
         request_id=row["id"], app_id=row["app_id"], method=row["method"], url=row["url"],
         headers=dict(row["headers"]), direction=row["direction"], parts=parts,
         expected_sha256=row["expected_sha256"], validator=row["validator"],
-        known_total=row["total_bytes_to_receive"],
+        known_total=row["total_bytes_to_receive"], form_fields=row["form_fields"],
     )
 
 

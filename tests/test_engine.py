@@ -352,3 +352,20 @@ def test_streamed_size_cap_without_content_length(deployment: Deployment, server
     assert landed(deployment, "cap.bin") is None
     svc.set_conditions(network="wifi")
     ok(deployment, req, data)
+
+
+def test_multipart_form_upload(deployment: Deployment, server: FileServer) -> None:
+    data = os.urandom(700_000)
+    (deployment.sandbox("app") / 'photo "1".jpg').write_bytes(data)
+    deployment.worker()
+    req = BackgroundTransferRequest(server.url("/form"), "POST", upload_location='/shared/transfers/photo "1".jpg',
+                                    form_fields={"album": "holidays", "note": "line1\nline2"})
+    deployment.service("app").add(req)
+    done = deployment.wait_done("app", req.request_id)
+    assert done.transfer_error is None and done.status_code == 201
+    (up,) = server.uploads
+    assert up.content_type.startswith("multipart/form-data; boundary=")
+    assert up.fields == {"album": "holidays", "note": "line1\nline2"}
+    filename, body = up.files["file"]
+    assert sha(body) == sha(data) and filename == "photo%20%221%22.jpg"
+    assert done.bytes_sent == done.total_bytes_to_send == len(up.body)

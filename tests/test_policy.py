@@ -264,3 +264,18 @@ def test_backoff_grows_caps_and_honours_retry_after() -> None:
     assert [policy.backoff(n, s) for n in (1, 2, 3, 10)] == [2, 4, 8, 60]
     assert policy.backoff(3, s, retry_after=7) == 7
     assert policy.backoff(3, s, retry_after=600) == 60
+
+
+def test_form_fields_are_checked() -> None:
+    def up(**kw: object) -> BackgroundTransferRequest:
+        return req(method="POST", download_location=None, upload_location="/shared/transfers/a", **kw)
+
+    assert policy.check_request(up(form_fields={"a": "1"}), S).form_fields == {"a": "1"}
+    for fields, words in [({"file": "x"}, "other than 'file'"), ({"a b": "x"}, "token"),
+                          ({"a": 1}, "must be a string"), ({"a": "\x00"}, "without NUL"), ("a=1", "mapping")]:
+        with pytest.raises(TransferError, match=words):
+            policy.check_request(up(form_fields=fields), S)
+    with pytest.raises(TransferError, match="only for uploads"):
+        policy.check_request(req(form_fields={"a": "1"}), S)
+    with pytest.raises(NotSupportedError, match="Content-Type"):
+        policy.check_request(up(form_fields={}, headers={"content-type": "x"}), S)
