@@ -308,6 +308,7 @@ class _Download:
         self.hasher: _Hasher | None = None
         self.writing: bool | None = None  # None until the first body byte
         self.cap = limits.max_bytes if limits.max_bytes is not None else 1 << 62
+        self.hash_at = 1 << 62  # the position at which to wake the hasher next (never without one)
         self.att = _Attempt(job, lease, limits, s)
         self.att.progress_fields = lambda down, _up: {"bytes_received": self.offset + down}
 
@@ -357,6 +358,7 @@ class _Download:
             self.hasher = _Hasher(self.fd)
             self.hasher.written = self.offset
             self.hasher.start()
+            self.hash_at = self.offset + CHUNK
 
     def write(self, chunk: bytes) -> int | None:
         """pycurl's write callback: the hot path, kept to a write and a counter."""
@@ -376,9 +378,10 @@ class _Download:
         if self.pos > self.cap:  # rule 9 on the stream itself, for servers that sent no length
             self.att.stop("requeue", f"more than {self.cap} bytes: too large for the current conditions")
             return 0
-        if self.hasher is not None:
-            self.hasher.written = self.pos
-            self.hasher.wake.set()
+        if self.pos >= self.hash_at:  # wake the hasher per MiB, not per 16 KiB chunk
+            self.hash_at = self.pos + CHUNK
+            self.hasher.written = self.pos  # type: ignore[union-attr]
+            self.hasher.wake.set()  # type: ignore[union-attr]
         return None
 
     def _outcome(self, kind: Kind, error: str | None, code: int | None, **kw: Any) -> Outcome:

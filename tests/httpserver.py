@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -146,6 +147,16 @@ class _Body:
                 view = view[n:]
             return
         assert self.fd is not None
+        if isinstance(sock, ssl.SSLSocket):  # sendfile would bypass TLS: read and send instead
+            while count > 0:
+                chunk = os.pread(self.fd, min(count, 1 << 20), offset)
+                if not chunk:
+                    raise ConnectionAbortedError("served file shrank while sending")
+                sock.sendall(chunk)
+                progress(len(chunk))
+                offset += len(chunk)
+                count -= len(chunk)
+            return
         out = sock.fileno()
         while count > 0:
             n = os.sendfile(out, self.fd, offset, count)  # zero-copy: the fast path for big files
@@ -278,6 +289,16 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         # Skip HTTPServer's reverse DNS lookup of the host name.
         http.server.socketserver.TCPServer.server_bind(self)  # type: ignore[attr-defined]
         self.server_name, self.server_port = self.server_address[:2]
+
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            sock.settimeout(5)
+            sock = self.tls.wrap_socket(sock, server_side=True)
+            sock.settimeout(None)
+        return sock, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Stay silent: aborted clients are an expected part of these tests."""
@@ -583,7 +604,7 @@ class FileServer:
     with :meth:`behave`. Use as a context manager, or call start()/close().
     """
 
-    def __init__(self, root: str | Path | None = None, port: int = 0) -> None:
+    def __init__(self, root: str | Path | None = None, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self._root = Path(root).resolve() if root is not None else None
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -599,6 +620,7 @@ class FileServer:
         self._thread: threading.Thread | None = None
         self._httpd = _HTTPServer((HOST, port), _Handler)
         self._httpd.owner = self
+        self._httpd.tls = tls
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -640,7 +662,7 @@ class FileServer:
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT`` without a trailing slash."""
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self._httpd.tls else 'http'}://{HOST}:{self.port}"
 
     def url(self, path: str) -> str:
         """Absolute URL for a server path."""

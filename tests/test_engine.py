@@ -369,3 +369,29 @@ def test_multipart_form_upload(deployment: Deployment, server: FileServer) -> No
     filename, body = up.files["file"]
     assert sha(body) == sha(data) and filename == "photo%20%221%22.jpg"
     assert done.bytes_sent == done.total_bytes_to_send == len(up.body)
+
+
+def test_tls_is_verified_and_a_custom_ca_bundle_is_honoured(deployment: Deployment, tmp_path: Path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    data = os.urandom(300_000)
+    with FileServer(tls=ctx) as srv:
+        srv.put("/t.bin", data)
+        untrusted = deployment.worker()
+        req = get(deployment, srv, "/t.bin", "untrusted.bin")
+        done = deployment.wait_done("app", req.request_id)
+        assert "TLS certificate verification failed" in done.transfer_error
+        untrusted.kill()
+        deployment.worker(BGTRANSFER_CA_BUNDLE=str(cert))
+        ok(deployment, get(deployment, srv, "/t.bin", "trusted.bin"), data, "trusted.bin")
+    assert leftovers(deployment) == ["trusted.bin"]
