@@ -92,7 +92,7 @@ def _sqlite_engine(url: str) -> Engine:
     path = sa.engine.make_url(url).database
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(url, connect_args={"timeout": 60})
 
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -165,13 +165,16 @@ class Store:
 
     # ------------------------------------------------------------------ devices
     def _lock_device(self, conn: Connection, device: str) -> Mapping[str, Any]:
-        conn.execute(
-            self._insert(devices).values(name=device, next_seq=1, admit_seq=0, conditions={}).on_conflict_do_nothing()
-        )
+        """The device row, locked until the transaction ends (created on first use)."""
         q = sa.select(devices).where(devices.c.name == device)
         if self.dialect == "postgresql":
             q = q.with_for_update()
-        return conn.execute(q).mappings().one()
+        row = conn.execute(q).mappings().first()
+        if row is None:
+            conn.execute(self._insert(devices).values(
+                name=device, next_seq=1, admit_seq=0, conditions={}).on_conflict_do_nothing())
+            row = conn.execute(q).mappings().one()
+        return row
 
     def conditions(self, device: str, now: float | None = None) -> policy.Conditions:
         with self.tx() as conn:
@@ -307,41 +310,47 @@ class Store:
             dev = self._lock_device(conn, device)
             cond = _conditions(dev["conditions"], now)
             on_dev = requests.c.device == device
-            expired = sa.and_(on_dev, requests.c.phase.in_(ACTIVE), requests.c.lease_expires < now)
-            conn.execute(requests.delete().where(expired, requests.c.removed.is_(True)))
-            conn.execute(requests.update().where(expired).values(
-                phase="queued", status=TransferStatus.WAITING.value, wait_reason="lease expired; resuming",
-                lease_expires=None, control=None, updated_at=now))
-            active = conn.execute(
-                sa.select(sa.func.count()).where(on_dev, requests.c.phase.in_(ACTIVE))
-            ).scalar()
+            held = conn.execute(sa.select(requests.c.id, requests.c.removed, requests.c.lease_expires)
+                                .where(on_dev, requests.c.phase.in_(ACTIVE))).all()
+            expired = [r for r in held if r.lease_expires is None or r.lease_expires < now]
+            if expired:  # a dead worker's slots come back; removed requests it held are forgotten
+                gone = [r.id for r in expired if r.removed]
+                back = [r.id for r in expired if not r.removed]
+                conn.execute(requests.delete().where(requests.c.id.in_(gone)))
+                conn.execute(requests.update().where(requests.c.id.in_(back)).values(
+                    phase="queued", status=TransferStatus.WAITING.value, wait_reason="lease expired; resuming",
+                    lease_expires=None, control=None, updated_at=now))
+            active = len(held) - len(expired)
             rows = conn.execute(
                 sa.select(requests.c.id, requests.c.app_id, requests.c.direction, requests.c.preferences,
                           requests.c.status, requests.c.wait_reason, requests.c.total_bytes_to_receive,
                           requests.c.total_bytes_to_send, requests.c.bytes_received, requests.c.lease_token)
                 .where(on_dev, requests.c.phase == "queued", requests.c.not_before <= now)
                 .order_by(requests.c.seq)
-            ).mappings().all()
+            ).all()
             admissible: list[tuple[str, str]] = []
             tokens: dict[str, int] = {}
-            for r in rows:
+            decided: dict[tuple[Any, ...], policy.Decision] = {}  # few distinct kinds among many requests
+            for rid, app, direction, prefs, status, reason, down_total, up_total, received, token in rows:
                 # a stream without Content-Length that outgrew a cap has a size of at least what arrived
-                size = r["total_bytes_to_send"] if r["direction"] == "upload" else max(
-                    r["total_bytes_to_receive"] or 0, r["bytes_received"]) or None
-                d = policy.decide(policy.Candidate(
-                    r["app_id"], r["direction"], TransferPreferences(r["preferences"]), size), cond, s)
+                size = up_total if direction == "upload" else (max(down_total or 0, received) or None)
+                key = (app, direction, prefs, size)
+                d = decided.get(key)
+                if d is None:
+                    d = decided[key] = policy.decide(
+                        policy.Candidate(app, direction, TransferPreferences(prefs), size), cond, s)
                 if d.action == "admit":
-                    admissible.append((r["app_id"], r["id"]))
-                    tokens[r["id"]] = r["lease_token"] + 1
+                    admissible.append((app, rid))
+                    tokens[rid] = token + 1
                     continue
+                if d.action == "wait" and (status, reason) == (d.status.value, d.reason) and d.preferences is None:
+                    continue  # already shows this decision
                 values: dict[str, Any] = {"status": d.status.value, "wait_reason": d.reason}
                 if d.action == "fail":
                     values.update(phase="done", error=d.reason, completed_at=now, wait_reason=None)
                 if d.preferences is not None:
                     values["preferences"] = d.preferences.value
-                if any(r.get(k) != v for k, v in values.items()):
-                    conn.execute(requests.update().where(requests.c.id == r["id"]).values(
-                        updated_at=now, **values))
+                conn.execute(requests.update().where(requests.c.id == rid).values(updated_at=now, **values))
             free = s.max_concurrent_per_device - active
             if free <= 0 or not admissible:
                 return []

@@ -1,0 +1,111 @@
+"""Admission decision latency with a full device queue: 500 requests over 20 apps.
+
+    python -m bench.admission [--rounds 300] [--stores sqlite,postgresql] [--json out.json]
+
+Each round times one admission pass (``Store.promote``: one transaction that locks the
+device, reclaims expired leases, decides all 500 waiting requests under the device's
+conditions and hands the free slots round-robin), then, untimed, runs the admitted requests
+to completion, removes them and adds new ones so the queue stays at 500. ``add`` (the
+counted rules 5-6 and the insert, also one transaction) is timed as well. PostgreSQL is the
+server on 127.0.0.1 (a fresh database, dropped at the end); SQLite is a file in a temporary
+directory. Prints p50/p99 per store; the target is p99 < 5 ms for the admission pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import uuid
+
+from bgtransfer import Settings
+from bgtransfer._store import Store
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+APPS = [f"app{i:02d}" for i in range(20)]
+
+
+def row(app: str, device: str) -> dict:
+    rid = uuid.uuid4().hex
+    return {"id": rid, "device": device, "app_id": app, "method": "GET", "url": f"http://127.0.0.1/{rid}",
+            "headers": {}, "direction": "download", "local_path": f"/shared/transfers/{rid}",
+            "preferences": "NONE", "tag": None, "expected_sha256": None, "form_fields": None}
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def run(store: Store, rounds: int) -> dict:
+    s = Settings(data_root="/nonexistent")
+    device = "bench"
+    adds: list[float] = []
+    for i in range(500):
+        t = time.perf_counter()
+        store.insert(row(APPS[i % 20], device), s)
+        adds.append(time.perf_counter() - t)
+    passes: list[float] = []
+    admitted = 0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        picks = store.promote(device, s)
+        passes.append(time.perf_counter() - t)
+        admitted += len(picks)
+        for rid, token in picks:
+            r = store.claim(rid, token, "bench", s)
+            store.finish(rid, token, phase="done", status="COMPLETED")
+            store.remove(r["app_id"], rid)
+            t = time.perf_counter()
+            store.insert(row(r["app_id"], device), s)
+            adds.append(time.perf_counter() - t)
+    queued = len(store.list(device=device))
+    assert queued == 500, queued
+    ms = 1000
+    return {"rounds": rounds, "admitted": admitted, "queued": queued,
+            "promote_p50_ms": pct(passes, 50) * ms, "promote_p99_ms": pct(passes, 99) * ms,
+            "promote_mean_ms": statistics.fmean(passes) * ms,
+            "add_p50_ms": pct(adds, 50) * ms, "add_p99_ms": pct(adds, 99) * ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--stores", default="sqlite,postgresql")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = {}
+    for name in args.stores.split(","):
+        if name == "sqlite":
+            with tempfile.TemporaryDirectory() as tmp:
+                store = Store(f"sqlite:///{tmp}/state.sqlite")
+                results[name] = run(store, args.rounds)
+                store.close()
+        else:
+            import psycopg
+
+            db = f"bgt_bench_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {db}")
+            try:
+                store = Store(PG_ADMIN.rsplit("/", 1)[0] + "/" + db)
+                results[name] = run(store, args.rounds)
+                store.close()
+            finally:
+                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                    conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    print(f"{'store':<12}{'pass p50':>10}{'pass p99':>10}{'add p50':>10}{'add p99':>10}   (ms; 500 queued, 20 apps)")
+    for name, r in results.items():
+        print(f"{name:<12}{r['promote_p50_ms']:>10.2f}{r['promote_p99_ms']:>10.2f}{r['add_p50_ms']:>10.2f}"
+              f"{r['add_p99_ms']:>10.2f}")
+    for name, r in results.items():
+        print(f"{name}: admission pass p99 = {r['promote_p99_ms']:.2f} ms (target < 5 ms)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
