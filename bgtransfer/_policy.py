@@ -269,17 +269,17 @@ def min_rate(cond: Conditions, s: Settings) -> float:
 
 
 def round_robin(
-    admissible: Sequence[tuple[str, str]], last_served: Mapping[str, int], free: int
+    admissible: Sequence[tuple[str, str]], last_served: Mapping[str, float], free: int
 ) -> list[str]:
     """Pick up to ``free`` request ids: arrival order within an app, least recently served app first.
 
-    ``admissible`` is (app_id, request_id) in arrival order; ``last_served`` maps an app to the
-    admission counter of its last start (absent: never served).
+    ``admissible`` is (app_id, request_id) in arrival order; ``last_served`` maps an app to when
+    it last got a slot (absent: never).
     """
     queues: dict[str, list[str]] = {}
     for app, rid in admissible:
         queues.setdefault(app, []).append(rid)
-    served = {app: last_served.get(app, 0) for app in queues}
+    served = {app: last_served.get(app, 0.0) for app in queues}
     first_seen = {app: i for i, app in enumerate(queues)}
     picked: list[str] = []
     tick = max(served.values(), default=0)

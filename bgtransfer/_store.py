@@ -59,6 +59,9 @@ requests = sa.Table(
     sa.Column("degraded", sa.Text),  # why resume is impossible with this server, if it is
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("not_before", sa.Float, nullable=False, default=0.0),
+    # the device's conditions version this request was last decided under, and the verdict
+    sa.Column("decided_version", sa.Integer, nullable=False, default=-1),
+    sa.Column("admissible", sa.Boolean, nullable=False, default=False),
     sa.Column("control", sa.String(8)),  # 'pause' or 'cancel', read by the running attempt
     sa.Column("removed", sa.Boolean, nullable=False, default=False),
     sa.Column("lease_token", sa.Integer, nullable=False, default=0),
@@ -68,24 +71,46 @@ requests = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("completed_at", sa.Float),
     sa.Index("bgt_requests_device_phase", "device", "phase", "seq"),
+    sa.Index("bgt_requests_admissible", "device", "phase", "admissible", "app_id", "seq"),
     sa.Index("bgt_requests_app", "app_id", "seq"),
 )
 devices = sa.Table(
     "bgt_devices", meta,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("next_seq", sa.BigInteger, nullable=False, default=1),
-    sa.Column("admit_seq", sa.BigInteger, nullable=False, default=0),
     sa.Column("conditions", sa.JSON, nullable=False),
+    sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
 )
 app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a device
     "bgt_app_turns", meta,
     sa.Column("device", sa.String(64), primary_key=True),
     sa.Column("app_id", sa.String(63), primary_key=True),
-    sa.Column("last_admit_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_admit_at", sa.Float, nullable=False),
 )
 schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
 
 ACTIVE = ("admitted", "running")
+
+# The admission pass runs at every start and end of a transfer: its statements are plain SQL
+# (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
+_HELD = sa.text("SELECT id, removed, lease_expires FROM bgt_requests "
+                "WHERE device = :device AND phase IN ('admitted', 'running')")
+_UNDECIDED = sa.text(
+    "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
+    "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version <> :version")
+_HEADS = sa.text(  # the first `free` admissible requests of each app, with the app's last turn
+    "SELECT r.id, r.app_id, r.lease_token, t.last_admit_at FROM ("
+    " SELECT id, app_id, lease_token, seq, ROW_NUMBER() OVER (PARTITION BY app_id ORDER BY seq) AS rnk"
+    " FROM bgt_requests WHERE device = :device AND phase = 'queued' AND admissible = :yes"
+    " AND not_before <= :now) r "
+    "LEFT JOIN bgt_app_turns t ON t.device = :device AND t.app_id = r.app_id "
+    "WHERE r.rnk <= :free ORDER BY r.seq").bindparams(sa.bindparam("yes", type_=sa.Boolean))
+_ADMIT = sa.text(
+    "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
+    "wait_reason = NULL, updated_at = :now WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True))
+_TURN = sa.text(
+    "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, :at) "
+    "ON CONFLICT (device, app_id) DO UPDATE SET last_admit_at = excluded.last_admit_at")
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -172,7 +197,7 @@ class Store:
         row = conn.execute(q).mappings().first()
         if row is None:
             conn.execute(self._insert(devices).values(
-                name=device, next_seq=1, admit_seq=0, conditions={}).on_conflict_do_nothing())
+                name=device, next_seq=1, conditions={}, cond_version=0).on_conflict_do_nothing())
             row = conn.execute(q).mappings().one()
         return row
 
@@ -184,13 +209,15 @@ class Store:
         """Change some conditions (network, power, flags) or ``foreground`` {app: until}."""
         now = time.time()
         with self.tx() as conn:
-            stored = dict(self._lock_device(conn, device)["conditions"])
+            dev = self._lock_device(conn, device)
+            stored = dict(dev["conditions"])
             fg = dict(stored.get("foreground", {}))
             fg.update(changes.get("foreground", {}))
             stored.update({k: v for k, v in changes.items() if k != "foreground"})
             stored["foreground"] = {a: t for a, t in fg.items() if t > now}
             cond = _conditions(stored, now)  # validates before anything is written
-            conn.execute(devices.update().where(devices.c.name == device).values(conditions=stored))
+            conn.execute(devices.update().where(devices.c.name == device).values(
+                conditions=stored, cond_version=dev["cond_version"] + 1))
             return cond
 
     # ------------------------------------------------------------------ requests
@@ -297,79 +324,73 @@ class Store:
             values: dict[str, Any] = {"control": None}
             if row["phase"] == "paused":
                 values.update(phase="queued", status=TransferStatus.WAITING.value, wait_reason=None,
-                              not_before=0.0)
+                              not_before=0.0, decided_version=-1)
             conn.execute(requests.update().where(requests.c.id == request_id).values(
                 updated_at=time.time(), **values))
 
     # ------------------------------------------------------------------ admission
     def promote(self, device: str, s: Settings, now: float | None = None) -> list[tuple[str, int]]:
-        """One atomic admission pass for a device: reclaim expired leases, decide every waiting
-        request, and give free slots round-robin. Returns (request_id, token) to dispatch."""
+        """One atomic admission pass for a device; returns (request_id, token) to dispatch.
+
+        It reclaims expired leases, decides the requests not yet decided under the current
+        conditions (new ones, requeued ones, or all after a change), and gives the free slots
+        round-robin across apps. Its cost grows with what changed and with the number of apps,
+        not with the length of the queue: decisions are stored, and only the first few
+        admissible requests of each app are read.
+        """
         now = time.time() if now is None else now
         with self.tx() as conn:
             dev = self._lock_device(conn, device)
-            cond = _conditions(dev["conditions"], now)
-            on_dev = requests.c.device == device
-            held = conn.execute(sa.select(requests.c.id, requests.c.removed, requests.c.lease_expires)
-                                .where(on_dev, requests.c.phase.in_(ACTIVE))).all()
+            stored, version = dict(dev["conditions"]), dev["cond_version"]
+            fg = stored.get("foreground", {})
+            if any(t <= now for t in fg.values()):  # an app left the foreground: a change too
+                stored["foreground"] = {a: t for a, t in fg.items() if t > now}
+                version += 1
+                conn.execute(devices.update().where(devices.c.name == device).values(
+                    conditions=stored, cond_version=version))
+            cond = _conditions(stored, now)
+            held = conn.execute(_HELD, {"device": device}).all()
             expired = [r for r in held if r.lease_expires is None or r.lease_expires < now]
             if expired:  # a dead worker's slots come back; removed requests it held are forgotten
-                gone = [r.id for r in expired if r.removed]
-                back = [r.id for r in expired if not r.removed]
-                conn.execute(requests.delete().where(requests.c.id.in_(gone)))
-                conn.execute(requests.update().where(requests.c.id.in_(back)).values(
-                    phase="queued", status=TransferStatus.WAITING.value, wait_reason="lease expired; resuming",
-                    lease_expires=None, control=None, updated_at=now))
-            active = len(held) - len(expired)
-            rows = conn.execute(
-                sa.select(requests.c.id, requests.c.app_id, requests.c.direction, requests.c.preferences,
-                          requests.c.status, requests.c.wait_reason, requests.c.total_bytes_to_receive,
-                          requests.c.total_bytes_to_send, requests.c.bytes_received, requests.c.lease_token)
-                .where(on_dev, requests.c.phase == "queued", requests.c.not_before <= now)
-                .order_by(requests.c.seq)
-            ).all()
-            admissible: list[tuple[str, str]] = []
-            tokens: dict[str, int] = {}
-            decided: dict[tuple[Any, ...], policy.Decision] = {}  # few distinct kinds among many requests
-            for rid, app, direction, prefs, status, reason, down_total, up_total, received, token in rows:
-                # a stream without Content-Length that outgrew a cap has a size of at least what arrived
-                size = up_total if direction == "upload" else (max(down_total or 0, received) or None)
-                key = (app, direction, prefs, size)
-                d = decided.get(key)
-                if d is None:
-                    d = decided[key] = policy.decide(
-                        policy.Candidate(app, direction, TransferPreferences(prefs), size), cond, s)
-                if d.action == "admit":
-                    admissible.append((app, rid))
-                    tokens[rid] = token + 1
-                    continue
-                if d.action == "wait" and (status, reason) == (d.status.value, d.reason) and d.preferences is None:
-                    continue  # already shows this decision
-                values: dict[str, Any] = {"status": d.status.value, "wait_reason": d.reason}
-                if d.action == "fail":
-                    values.update(phase="done", error=d.reason, completed_at=now, wait_reason=None)
-                if d.preferences is not None:
-                    values["preferences"] = d.preferences.value
-                conn.execute(requests.update().where(requests.c.id == rid).values(updated_at=now, **values))
-            free = s.max_concurrent_per_device - active
-            if free <= 0 or not admissible:
+                conn.execute(requests.delete().where(requests.c.id.in_([r.id for r in expired if r.removed])))
+                conn.execute(requests.update().where(requests.c.id.in_([r.id for r in expired if not r.removed]))
+                             .values(phase="queued", status=TransferStatus.WAITING.value, decided_version=-1,
+                                     wait_reason="lease expired; resuming", lease_expires=None, control=None,
+                                     updated_at=now))
+            self._decide(conn, device, cond, version, s, now)
+            free = s.max_concurrent_per_device - (len(held) - len(expired))
+            if free <= 0:
                 return []
-            turns = dict(conn.execute(
-                sa.select(app_turns.c.app_id, app_turns.c.last_admit_seq).where(app_turns.c.device == device)
-            ).all())
-            picked = policy.round_robin(admissible, turns, free)
-            seq = dev["admit_seq"]
-            app_of = {rid: app for app, rid in admissible}
-            for rid in picked:
-                seq += 1
-                conn.execute(requests.update().where(requests.c.id == rid).values(
-                    phase="admitted", lease_token=tokens[rid], lease_expires=now + s.dispatch_seconds,
-                    wait_reason=None, updated_at=now))
-                stmt = self._insert(app_turns).values(device=device, app_id=app_of[rid], last_admit_seq=seq)
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["device", "app_id"], set_={"last_admit_seq": seq}))
-            conn.execute(devices.update().where(devices.c.name == device).values(admit_seq=seq))
-            return [(rid, tokens[rid]) for rid in picked]
+            heads = conn.execute(_HEADS, {"device": device, "yes": True, "now": now, "free": free}).all()
+            if not heads:
+                return []
+            turns = {app: last for _, app, _, last in heads if last is not None}
+            picked = policy.round_robin([(app, rid) for rid, app, _, _ in heads], turns, free)
+            info = {rid: (app, token) for rid, app, token, _ in heads}
+            conn.execute(_ADMIT, {"ids": picked, "expires": now + s.dispatch_seconds, "now": now})
+            served = {info[rid][0]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
+            conn.execute(_TURN, [{"device": device, "app": app, "at": at} for app, at in served.items()])
+            return [(rid, info[rid][1] + 1) for rid in picked]
+
+    def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
+                now: float) -> None:
+        """Decide the queued requests not yet decided under ``version``; store each verdict."""
+        rows = conn.execute(_UNDECIDED, {"device": device, "version": version}).all()
+        groups: dict[policy.Decision, list[str]] = {}
+        for rid, app, direction, prefs, down_total, up_total, received in rows:
+            # a stream without Content-Length that outgrew a cap has a size of at least what arrived
+            size = up_total if direction == "upload" else (max(down_total or 0, received) or None)
+            d = policy.decide(policy.Candidate(app, direction, TransferPreferences(prefs), size), cond, s)
+            groups.setdefault(d, []).append(rid)
+        for d, ids in groups.items():
+            values: dict[str, Any] = {"decided_version": version, "admissible": d.action == "admit"}
+            if d.action != "admit":  # an admissible request keeps showing why it last stopped
+                values.update(status=d.status.value, wait_reason=d.reason, updated_at=now)
+            if d.action == "fail":
+                values.update(phase="done", error=d.reason, completed_at=now, wait_reason=None)
+            if d.preferences is not None:
+                values["preferences"] = d.preferences.value
+            conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**values))
 
     # ------------------------------------------------------------------ attempts (fenced)
     def claim(self, request_id: str, token: int, owner: str, s: Settings) -> dict[str, Any] | None:
@@ -414,6 +435,8 @@ class Store:
             if row["removed"]:
                 conn.execute(requests.delete().where(where))
                 return {**row, "phase": "removed"}
+            if fields.get("phase") == "queued":
+                fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
             if row["control"] == "pause" and fields.get("phase") != "done":
                 fields.update(phase="paused", status=TransferStatus.PAUSED.value,
                               wait_reason="paused by the app", control=None)
