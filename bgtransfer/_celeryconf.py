@@ -45,7 +45,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
             "processed_folder": os.path.join(folder, "processed"),
             "control_folder": os.path.join(folder, "control"),
             "store_processed": False,
-            "polling_interval": 0.05,
+            "polling_interval": 0.02,  # latency of a wake-up; a listdir each time costs little
         }
     if s.result_backend:
         conf["result_backend"] = s.result_backend
