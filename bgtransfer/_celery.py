@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 
 from . import _worker
 from ._celeryconf import celery_config
@@ -88,9 +88,9 @@ def remove(app_id: str, request_id: str) -> dict[str, Any]:
 # The pool forks children from the main process while this pass may run in a thread of it; a
 # child forked while the pass holds a lock (imports, SQLAlchemy, kombu) never gets its tasks.
 # So a fork waits for a running pass to end, and a pass never starts during a fork.
-_pass_lock = threading.Lock()
-os.register_at_fork(before=_pass_lock.acquire, after_in_parent=_pass_lock.release,
-                    after_in_child=_pass_lock.release)
+pass_lock = threading.Lock()
+os.register_at_fork(before=pass_lock.acquire, after_in_parent=pass_lock.release,
+                    after_in_child=pass_lock.release)
 
 
 class Sweeper(bootsteps.StartStopStep):
@@ -111,7 +111,7 @@ class Sweeper(bootsteps.StartStopStep):
         s = load()
         while not self.stopping.is_set():
             try:
-                with _pass_lock:
+                with pass_lock:
                     kick(s, s.device)
             except Exception:  # a store or broker outage: the next pass tries again
                 log.exception("periodic pass failed")
@@ -121,4 +121,25 @@ class Sweeper(bootsteps.StartStopStep):
         self.stopping.set()
 
 
+class MetricsServer(bootsteps.StartStopStep):
+    """Serve Prometheus metrics from the worker's main process when a port is set."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def start(self, worker: Any) -> None:
+        s = load()
+        if s.metrics_port:
+            from . import _metrics
+
+            _metrics.serve(s, s.metrics_port)
+
+
+@signals.worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    from . import _metrics
+
+    _metrics.child_exited(pid or os.getpid())
+
+
 app.steps["worker"].add(Sweeper)
+app.steps["worker"].add(MetricsServer)

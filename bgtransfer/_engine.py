@@ -83,14 +83,16 @@ class Outcome:
     validator: str | None = None
     degraded: str | None = None
     resumed_from: int = 0
+    moved: int = 0  # body bytes that crossed the wire in this attempt
 
 
 class Lease(Protocol):
     """The engine's only line to the store; every call is fenced by the attempt's token."""
 
-    def renew(self, **fields: Any) -> str | None:
-        """Record progress or facts (validator, total), extend the lease, and return the app's
-        control ('pause'/'cancel') if any; raise LeaseLost if the attempt no longer owns it."""
+    def renew(self, moved: int, **fields: Any) -> str | None:
+        """Record progress (``moved``: wire bytes so far in this attempt) or facts (validator,
+        total), extend the lease, and return the app's control ('pause'/'cancel') if any; raise
+        LeaseLost if the attempt no longer owns it."""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -195,9 +197,8 @@ class _Attempt:
             return 0
         self.next_tick = now + self.s.progress_interval
         moved = dlnow + ulnow
-        fields = self.progress_fields(dlnow, ulnow)
         try:
-            control = self.lease.renew(**fields)
+            control = self.lease.renew(moved, **self.progress_fields(dlnow, ulnow))
             self.lease_deadline = now + self.s.lease_seconds
         except LeaseLost:
             return self.stop("lost", "lease lost")
@@ -307,6 +308,7 @@ class _Download:
         self.degraded: list[str] = []
         self.hasher: _Hasher | None = None
         self.writing: bool | None = None  # None until the first body byte
+        self.moved = 0
         self.cap = limits.max_bytes if limits.max_bytes is not None else 1 << 62
         self.hash_at = 1 << 62  # the position at which to wake the hasher next (never without one)
         self.att = _Attempt(job, lease, limits, s)
@@ -341,7 +343,7 @@ class _Download:
             return False
         self.total = total
         try:  # the validator must be stored before the bytes it vouches for
-            self.lease.renew(validator=self.validator, total_bytes_to_receive=total,
+            self.lease.renew(0, validator=self.validator, total_bytes_to_receive=total,
                               degraded=", ".join(self.degraded) or None, bytes_received=self.offset)
         except LeaseLost:
             att.stop("lost", "lease lost")
@@ -389,7 +391,7 @@ class _Download:
             self.hasher.abandon()
         return Outcome(kind, error, code, bytes_done=self.pos, total=self.total, validator=self.validator,
                        degraded=", ".join(self.degraded) or None,
-                       resumed_from=self.held if self.offset else 0, **kw)
+                       resumed_from=self.held if self.offset else 0, moved=self.moved, **kw)
 
     def run(self) -> Outcome:
         job, att = self.job, self.att
@@ -404,6 +406,7 @@ class _Download:
         try:
             err = _perform(c)
             code = c.getinfo(pycurl.RESPONSE_CODE)
+            self.moved = int(c.getinfo(pycurl.SIZE_DOWNLOAD_T))
         finally:
             c.close()
         if code == 416 and err is None:
@@ -481,18 +484,18 @@ def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
         c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
         c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
         try:
-            lease.renew(total_bytes_to_send=size, bytes_sent=0)
+            lease.renew(0, total_bytes_to_send=size, bytes_sent=0)
             err = _perform(c)
             code = c.getinfo(pycurl.RESPONSE_CODE)
             sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
         finally:
             c.close()
     if err is not None:
-        return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size)
+        return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size, moved=sent)
     bad = _classify_http(code, att.resp)
     if bad is not None:
-        return dataclasses.replace(bad, bytes_done=sent, total=size)
-    return Outcome("completed", None, code, bytes_done=sent, total=size)
+        return dataclasses.replace(bad, bytes_done=sent, total=size, moved=sent)
+    return Outcome("completed", None, code, bytes_done=sent, total=size, moved=sent)
 
 
 def run(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:

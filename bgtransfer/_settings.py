@@ -56,6 +56,8 @@ class Settings:
     connect_timeout: float = 30.0
     ca_bundle: str = ""  # empty: the system's trusted CAs
     max_redirects: int = 10
+    # observability: 0 serves no metrics
+    metrics_port: int = 0
 
     @property
     def root(self) -> Path:

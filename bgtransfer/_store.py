@@ -87,6 +87,14 @@ app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a 
     sa.Column("app_id", sa.String(63), primary_key=True),
     sa.Column("last_admit_at", sa.Float, nullable=False),
 )
+counters = sa.Table(  # device-wide counters for the metrics: admission verdicts, lease reclaims
+    "bgt_counters", meta,
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("metric", sa.String(32), primary_key=True),
+    sa.Column("decision", sa.String(16), primary_key=True),
+    sa.Column("reason", sa.String(128), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
 schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
 
 ACTIVE = ("admitted", "running")
@@ -111,6 +119,9 @@ _ADMIT = sa.text(
 _TURN = sa.text(
     "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, :at) "
     "ON CONFLICT (device, app_id) DO UPDATE SET last_admit_at = excluded.last_admit_at")
+_COUNT = sa.text(
+    "INSERT INTO bgt_counters (device, metric, decision, reason, value) VALUES (:device, :metric, :decision, "
+    ":reason, :n) ON CONFLICT (device, metric, decision, reason) DO UPDATE SET value = bgt_counters.value + :n")
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -357,6 +368,8 @@ class Store:
                              .values(phase="queued", status=TransferStatus.WAITING.value, decided_version=-1,
                                      wait_reason="lease expired; resuming", lease_expires=None, control=None,
                                      updated_at=now))
+                conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
+                                      "n": len(expired)})
             self._decide(conn, device, cond, version, s, now)
             free = s.max_concurrent_per_device - (len(held) - len(expired))
             if free <= 0:
@@ -382,6 +395,9 @@ class Store:
             size = up_total if direction == "upload" else (max(down_total or 0, received) or None)
             d = policy.decide(policy.Candidate(app, direction, TransferPreferences(prefs), size), cond, s)
             groups.setdefault(d, []).append(rid)
+        if groups:
+            conn.execute(_COUNT, [{"device": device, "metric": "decision", "decision": d.action, "reason": d.reason,
+                                   "n": len(ids)} for d, ids in groups.items()])
         for d, ids in groups.items():
             values: dict[str, Any] = {"decided_version": version, "admissible": d.action == "admit"}
             if d.action != "admit":  # an admissible request keeps showing why it last stopped
@@ -452,7 +468,7 @@ def _conditions(stored: Mapping[str, Any], now: float) -> policy.Conditions:
 
 
 def _create_v1(conn: Connection) -> None:
-    meta.create_all(conn, tables=[requests, devices, app_turns])
+    meta.create_all(conn, tables=[requests, devices, app_turns, counters])
 
 
 MIGRATIONS = ((1, _create_v1),)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from . import _engine as engine
+from . import _metrics
 from . import _policy as policy
 from ._exceptions import LeaseLost, TransferError
 from ._models import TransferStatus
@@ -24,12 +25,21 @@ log = logging.getLogger("bgtransfer.worker")
 
 
 class StoreLease:
-    """The engine's Lease, fenced by (request id, token) in the store."""
+    """The engine's Lease, fenced by (request id, token) in the store; counts bytes as they move,
+    so throughput shows while a long transfer runs, not only when it ends."""
 
-    def __init__(self, store: Store, request_id: str, token: int, s: Settings) -> None:
-        self.store, self.request_id, self.token, self.s = store, request_id, token, s
+    def __init__(self, store: Store, row: dict[str, Any], token: int, s: Settings) -> None:
+        self.store, self.request_id, self.token, self.s = store, row["id"], token, s
+        self.bytes = _metrics.BYTES.labels(row["device"], row["app_id"], row["direction"])
+        self.counted = 0
 
-    def renew(self, **fields: Any) -> str | None:
+    def count(self, moved: int) -> None:
+        if moved > self.counted:
+            self.bytes.inc(moved - self.counted)
+            self.counted = moved
+
+    def renew(self, moved: int, **fields: Any) -> str | None:
+        self.count(moved)
         return self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, **fields)
 
 
@@ -53,7 +63,8 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         max_bytes=policy.size_cap(row["direction"], cond, s),
         min_rate=policy.min_rate(cond, s), window=s.min_rate_window,
     )
-    lease = StoreLease(store, request_id, token, s)
+    lease = StoreLease(store, row, token, s)
+    started = time.monotonic()
     try:
         out = engine.run(job_from_row(row), lease, limits, s)
     except TransferError as exc:  # the sandbox changed under us (a symlink swapped in, a file gone)
@@ -63,11 +74,13 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
     except Exception as exc:  # a bug must still count against the retry budget, not loop forever
         log.exception("request %s: attempt crashed", request_id)
         out = engine.Outcome("retry", f"internal error: {exc!r}")
+    lease.count(out.moved)
     try:
         final = record_outcome(store, s, row, token, out)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
         return out
+    _metrics.observe(row, final, out, time.monotonic() - started, time.time())
     if final in ("failed", "cancelled") and row["direction"] == "download":
         delete_partial(s, row["app_id"], policy.check_sandbox_path(row["local_path"], "local_path"), request_id)
     return out

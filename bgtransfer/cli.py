@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import sys
 import time
 from typing import Any
@@ -18,7 +20,7 @@ from . import _policy as policy
 from ._exceptions import TransferError
 from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
 from ._service import BackgroundTransferService
-from ._settings import load
+from ._settings import Settings, load
 
 APP = click.option("--app", "app_id", default=lambda: os.environ.get("BGTRANSFER_APP", "default"),
                    show_default="$BGTRANSFER_APP or default", help="The app (tenant) the requests belong to.")
@@ -42,10 +44,14 @@ def main() -> None:
     """Background HTTP/HTTPS file transfers as Celery tasks."""
 
 
-def _run_worker(device: str | None, concurrency: int | None, loglevel: str) -> None:
+def _run_worker(device: str | None, concurrency: int | None, loglevel: str, metrics_port: int | None) -> None:
     if device:
         os.environ["BGTRANSFER_DEVICE"] = policy.check_app_id(device)  # same syntax as app ids
+    if metrics_port is not None:
+        os.environ["BGTRANSFER_METRICS_PORT"] = str(metrics_port)
     s = load()
+    if s.metrics_port:
+        _prepare_multiprocess(s)
     from ._celery import app
 
     argv = ["worker", "-Q", s.queue, "-n", f"{s.device}.%h.{os.getpid()}", "-l", loglevel,
@@ -53,27 +59,38 @@ def _run_worker(device: str | None, concurrency: int | None, loglevel: str) -> N
     app.worker_main(argv)
 
 
+def _prepare_multiprocess(s: Settings) -> None:
+    """A fresh, empty metrics directory for this worker's children, set before prometheus-client
+    is imported (it chooses multiprocess mode at import)."""
+    path = os.path.join(s.data_root, "metrics", f"{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
 @main.command()
 @DEVICE
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (default $BGTRANSFER_METRICS_PORT; 0: none).")
 @click.option("--loglevel", default="INFO")
 def serve(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
     """Run a whole device on this machine (embedded defaults: no server needed)."""
     s = load()
     click.echo(f"bgtransfer: data root {s.root}, state {s.store_url.split('://')[0]}, "
                f"broker {s.broker_url or 'filesystem (embedded)'}", err=True)
-    _run_worker(device, concurrency, loglevel)
+    _run_worker(device, concurrency, loglevel, metrics_port)
 
 
 @main.command()
 @DEVICE
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (default $BGTRANSFER_METRICS_PORT; 0: none).")
 @click.option("--loglevel", default="INFO")
 def worker(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
     """Run a Celery worker for one device."""
-    _run_worker(device, concurrency, loglevel)
+    _run_worker(device, concurrency, loglevel, metrics_port)
 
 
 def _line(r: BackgroundTransferRequest) -> str:
