@@ -68,12 +68,21 @@ def _prepare_multiprocess(s: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
+def _worker_options(command: Any) -> Any:
+    """The options ``serve`` and ``worker`` share."""
+    for option in reversed([
+        DEVICE,
+        click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2)."),
+        click.option("--metrics-port", type=int, default=None,
+                     help="Serve Prometheus metrics on this port (default $BGTRANSFER_METRICS_PORT; 0: none)."),
+        click.option("--loglevel", default="INFO"),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command()
-@DEVICE
-@click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
-@click.option("--metrics-port", type=int, default=None,
-              help="Serve Prometheus metrics on this port (default $BGTRANSFER_METRICS_PORT; 0: none).")
-@click.option("--loglevel", default="INFO")
+@_worker_options
 def serve(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
     """Run a whole device on this machine (embedded defaults: no server needed)."""
     s = load()
@@ -83,11 +92,7 @@ def serve(device: str | None, concurrency: int | None, metrics_port: int | None,
 
 
 @main.command()
-@DEVICE
-@click.option("--concurrency", type=int, default=None, help="Worker processes (default: the device cap + 2).")
-@click.option("--metrics-port", type=int, default=None,
-              help="Serve Prometheus metrics on this port (default $BGTRANSFER_METRICS_PORT; 0: none).")
-@click.option("--loglevel", default="INFO")
+@_worker_options
 def worker(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
     """Run a Celery worker for one device."""
     _run_worker(device, concurrency, loglevel, metrics_port)

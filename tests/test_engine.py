@@ -299,14 +299,20 @@ def test_upload_retried_after_a_drop_sends_the_whole_file(deployment: Deployment
     assert sha(server.uploads[-1].body) == sha(data)
 
 
+def under_way(dep: Deployment, srv: FileServer, path: str, data: bytes, rate: int, least: int):
+    """A throttled download that has moved at least ``least`` bytes; (request, service)."""
+    srv.put(path, data)
+    srv.behave(path, rate=rate)
+    dep.worker()
+    req = get(dep, srv, path)
+    svc = dep.service("app")
+    wait_for(lambda: (r := svc.find(req.request_id)) and r.bytes_received > least, 30, 0.05, "bytes")
+    return req, svc
+
+
 def test_pause_stops_the_bytes_and_resume_continues(deployment: Deployment, server: FileServer) -> None:
     data = os.urandom(3_000_000)
-    server.put("/p.bin", data)
-    server.behave("/p.bin", rate=500_000)
-    deployment.worker()
-    req = get(deployment, server, "/p.bin")
-    svc = deployment.service("app")
-    wait_for(lambda: (r := svc.find(req.request_id)) and r.bytes_received > 500_000, 30, 0.05, "bytes")
+    req, svc = under_way(deployment, server, "/p.bin", data, 500_000, 500_000)
     svc.pause(req)
     seen_status(deployment, req, TransferStatus.PAUSED, 5)
     assert server.wait_idle(2), "the connection must close within a second or so of pause"
@@ -320,13 +326,7 @@ def test_pause_stops_the_bytes_and_resume_continues(deployment: Deployment, serv
 
 
 def test_remove_cancels_a_running_transfer(deployment: Deployment, server: FileServer) -> None:
-    data = os.urandom(3_000_000)
-    server.put("/rm.bin", data)
-    server.behave("/rm.bin", rate=300_000)
-    deployment.worker()
-    req = get(deployment, server, "/rm.bin")
-    svc = deployment.service("app")
-    wait_for(lambda: (r := svc.find(req.request_id)) and r.bytes_received > 100_000, 30, 0.05, "bytes")
+    req, svc = under_way(deployment, server, "/rm.bin", os.urandom(3_000_000), 300_000, 100_000)
     svc.remove(req)
     assert svc.find(req.request_id) is None
     assert server.wait_idle(3), "the connection must close soon after remove"
