@@ -17,8 +17,10 @@ import dataclasses
 import email.utils
 import fcntl
 import hashlib
+import ipaddress
 import os
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -224,8 +226,32 @@ class _Attempt:
         return 0
 
 
+def forbidden_address(host: str) -> bool:
+    """True for an address that is not globally routable: private, loopback, link-local,
+    shared (CGNAT), reserved, multicast or unspecified, IPv4-mapped IPv6 included."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def _guarded_socket(att: _Attempt) -> Callable[..., Any]:
+    """pycurl's socket opener: refuse a forbidden destination, whatever name or redirect led there."""
+
+    def open_socket(_purpose: int, address: Any) -> Any:
+        family, socktype, protocol, addr = address
+        if forbidden_address(addr[0]):
+            att.stop("failed", f"destination {addr[0]} is not a public address (block_private_destinations)")
+            return pycurl.SOCKET_BAD
+        return socket.socket(family, socktype, protocol)  # pycurl hands libcurl a dup of its descriptor
+
+    return open_socket
+
+
 def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pycurl.Curl:
     c = pycurl.Curl()
+    if s.block_private_destinations:
+        c.setopt(pycurl.OPENSOCKETFUNCTION, _guarded_socket(att))
     c.setopt(pycurl.URL, job.url)
     c.setopt(pycurl.NOSIGNAL, 1)
     c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)

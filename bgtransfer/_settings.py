@@ -56,6 +56,9 @@ class Settings:
     connect_timeout: float = 30.0
     ca_bundle: str = ""  # empty: the system's trusted CAs
     max_redirects: int = 10
+    # refuse destinations that are not globally routable (private, loopback, link-local, ...),
+    # checked on the address actually connected to: after DNS and at every redirect
+    block_private_destinations: bool = False
     # observability: 0 serves no metrics
     metrics_port: int = 0
 
@@ -76,6 +79,14 @@ def queue_name(device: str) -> str:
     return f"bgtransfer.{device}"
 
 
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 def load(env: dict[str, str] | None = None, **overrides: object) -> Settings:
     """Settings from ``env`` (default ``os.environ``); ``overrides`` win over both."""
     env = os.environ if env is None else env
@@ -86,7 +97,7 @@ def load(env: dict[str, str] | None = None, **overrides: object) -> Settings:
             continue
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
         try:
-            values[f.name] = kind(raw)
+            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError:
             raise ValueError(f"BGTRANSFER_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
     values.update(overrides)

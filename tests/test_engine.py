@@ -395,3 +395,50 @@ def test_tls_is_verified_and_a_custom_ca_bundle_is_honoured(deployment: Deployme
         deployment.worker(BGTRANSFER_CA_BUNDLE=str(cert))
         ok(deployment, get(deployment, srv, "/t.bin", "trusted.bin"), data, "trusted.bin")
     assert leftovers(deployment) == ["trusted.bin"]
+
+
+def test_private_destinations_can_be_refused(deployment: Deployment, server: FileServer) -> None:
+    data = os.urandom(100_000)
+    server.put("/p.bin", data)
+    deployment.worker(BGTRANSFER_BLOCK_PRIVATE_DESTINATIONS="true")
+    by_ip = get(deployment, server, "/p.bin", "ip.bin")
+    by_name = BackgroundTransferRequest(f"http://localhost:{server.port}/p.bin",
+                                        download_location="/shared/transfers/name.bin")
+    deployment.service("app").add(by_name)
+    for req in (by_ip, by_name):  # refused on the address connected to, after DNS
+        done = deployment.wait_done("app", req.request_id)
+        assert "is not a public address" in done.transfer_error
+    assert server.requests_for("/p.bin") == [] and leftovers(deployment) == []
+
+
+@pytest.mark.parametrize(("host", "forbidden"), [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.1", True), ("192.168.1.1", True),
+    ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True),
+    ("::1", True), ("fe80::1%eth0", True), ("fc00::1", True), ("::ffff:127.0.0.1", True),
+    ("8.8.8.8", False), ("2001:4860:4860::8888", False), ("93.184.216.34", False),
+])
+def test_forbidden_address_table(host: str, forbidden: bool) -> None:
+    from bgtransfer._engine import forbidden_address
+
+    assert forbidden_address(host) is forbidden
+
+
+def test_guarded_socket_lets_allowed_destinations_through(server: FileServer, monkeypatch) -> None:
+    """No public server can be reached from here, so the address check alone is replaced: the
+    opener's socket must then carry a whole transfer (pycurl hands libcurl a dup of it)."""
+    import io
+
+    import pycurl
+
+    from bgtransfer import _engine
+
+    monkeypatch.setattr(_engine, "forbidden_address", lambda host: False)
+    data = os.urandom(2_000_000)
+    server.put("/g.bin", data)
+    c, buf = pycurl.Curl(), io.BytesIO()
+    c.setopt(pycurl.URL, server.url("/g.bin"))
+    c.setopt(pycurl.WRITEDATA, buf)
+    c.setopt(pycurl.OPENSOCKETFUNCTION, _engine._guarded_socket(None))  # type: ignore[arg-type]
+    c.perform()
+    assert (c.getinfo(pycurl.RESPONSE_CODE), sha(buf.getvalue())) == (200, sha(data))
+    c.close()
