@@ -126,7 +126,8 @@ class BackgroundTransferRequest:
             raise TransferError("request_uri is required")
         for name, kind in INPUT_FIELDS.items():
             if name in data and not isinstance(data[name], kind):
-                raise TransferError(f"{name} has the wrong type: {type(data[name]).__name__}")
+                what = "a mapping" if kind in (dict, (dict, type(None))) else "a string"
+                raise TransferError(f"{name} must be {what}, got {type(data[name]).__name__}")
         req = cls(**{k: v for k, v in data.items() if k in INPUT_FIELDS})
         for name in STATE_FIELDS:
             if name in data and data[name] is not None:

@@ -88,7 +88,7 @@ def test_celery_tasks_for_clients_in_other_languages(deployment: Deployment, ser
         bad.get(timeout=30)
     assert type(info.value).__name__ == "NotSupportedError"
     wrong = client.send_task("bgtransfer.add", args=[{"app_id": "svc-go", "url": 5}], queue=s.queue)
-    with pytest.raises(Exception, match="request_uri has the wrong type: int"):
+    with pytest.raises(Exception, match="request_uri must be a string, got int"):
         wrong.get(timeout=30)
     client.send_task("bgtransfer.remove", args=["svc-go", rid], queue=s.queue).get(timeout=30)
     assert client.send_task("bgtransfer.requests", args=["svc-go"], queue=s.queue).get(timeout=30) == []
