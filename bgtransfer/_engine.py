@@ -396,12 +396,13 @@ class _Download:
             if not self.writing:
                 return 0 if self.att.abort else None
         fd = self.fd
-        n = os.write(fd, chunk)
-        while n < len(chunk):  # a short write only happens near a full disk
-            more = os.write(fd, chunk[n:])
-            if more == 0:
-                return 0
-            n += more
+        try:
+            n = os.write(fd, chunk)
+            while n < len(chunk):  # a short write only happens near a full disk
+                n += os.write(fd, chunk[n:])
+        except OSError as exc:  # a full disk: keep what was written, try again later
+            self.att.stop("retry", f"local file error: {exc.strerror}")
+            return 0
         self.pos += n
         if self.pos > self.cap:  # rule 9 on the stream itself, for servers that sent no length
             self.att.stop("requeue", f"more than {self.cap} bytes: too large for the current conditions")

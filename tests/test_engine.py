@@ -442,3 +442,27 @@ def test_guarded_socket_lets_allowed_destinations_through(server: FileServer, mo
     c.perform()
     assert (c.getinfo(pycurl.RESPONSE_CODE), sha(buf.getvalue())) == (200, sha(data))
     c.close()
+
+
+def test_disk_full_keeps_the_partial_file_and_resumes(deployment: Deployment, server: FileServer) -> None:
+    import subprocess
+
+    full = deployment.sandbox("app") / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount rights")
+    try:
+        data = os.urandom(3_000_000)
+        server.put("/big.bin", data)
+        deployment.worker(BGTRANSFER_RETRY_BASE_SECONDS="2")
+        req = get(deployment, server, "/big.bin", "full/big.bin")
+        seen_status(deployment, req, TransferStatus.WAITING, reason="No space left on device")
+        part = next(p for p in full.iterdir() if p.name.endswith(".part"))
+        held = part.stat().st_size
+        assert 0 < held < len(data)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)
+        ok(deployment, req, data, "full/big.bin")
+        assert server.requests_for("/big.bin")[-1].range_start == held
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
