@@ -33,6 +33,11 @@ def celery_config(s: Settings) -> dict[str, Any]:
     }
     if s.broker_url:
         conf["broker_url"] = s.broker_url
+        if s.broker_url.startswith(("redis://", "rediss://")):
+            # kombu's Redis pub/sub consumer (remote control only) crashes the whole worker when
+            # Redis restarts (seen with kombu 5.7, redis-py 8); without it the worker reconnects.
+            # Task events are still sent, so Flower and celery-exporter keep working.
+            conf["worker_enable_remote_control"] = False
     else:
         folder = os.path.join(s.data_root, "broker")
         for sub in ("messages", "processed", "control"):
