@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -248,6 +250,17 @@ def _guarded_socket(att: _Attempt) -> Callable[..., Any]:
     return open_socket
 
 
+@functools.cache
+def system_ca_bundle() -> str | None:
+    """The system's trusted CAs as this Python finds them: the pycurl wheel's bundled libcurl
+    looks where its build machine kept them (/etc/pki/...), which Debian has not."""
+    paths = ssl.get_default_verify_paths()
+    for path in (os.environ.get(paths.openssl_cafile_env), paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
 def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pycurl.Curl:
     c = pycurl.Curl()
     if s.block_private_destinations:
@@ -264,8 +277,9 @@ def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pyc
     c.setopt(pycurl.NOPROGRESS, 0)
     c.setopt(pycurl.XFERINFOFUNCTION, att.progress)
     c.setopt(pycurl.HEADERFUNCTION, att.resp.line)
-    if s.ca_bundle:
-        c.setopt(pycurl.CAINFO, s.ca_bundle)
+    ca = s.ca_bundle or system_ca_bundle()
+    if ca:
+        c.setopt(pycurl.CAINFO, ca)
     headers = [f"{k}: {v}" for k, v in job.headers.items()] + extra_headers
     c.setopt(pycurl.HTTPHEADER, headers)
     return c

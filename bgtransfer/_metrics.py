@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ._models import TransferStatus
 from ._settings import Settings
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -98,20 +99,26 @@ class StoreCollector:
         from ._store import counters, requests
 
         s, device = self.settings, self.settings.device
-        store = store_for(s)
-        with pass_lock, store.tx() as conn:
-            by_status = conn.execute(
-                sa.select(requests.c.app_id, requests.c.status, sa.func.count())
-                .where(requests.c.device == device, requests.c.removed.is_(False))
-                .group_by(requests.c.app_id, requests.c.status)).all()
-            active = conn.execute(sa.select(sa.func.count()).where(
-                requests.c.device == device, requests.c.phase.in_(("admitted", "running")))).scalar()
-            counts = conn.execute(sa.select(counters.c.metric, counters.c.decision, counters.c.reason,
-                                            counters.c.value).where(counters.c.device == device)).all()
+        try:
+            with pass_lock, store_for(s).tx() as conn:
+                by_status = conn.execute(
+                    sa.select(requests.c.app_id, requests.c.status, sa.func.count())
+                    .where(requests.c.device == device, requests.c.removed.is_(False))
+                    .group_by(requests.c.app_id, requests.c.status)).all()
+                active = conn.execute(sa.select(sa.func.count()).where(
+                    requests.c.device == device, requests.c.phase.in_(("admitted", "running")))).scalar()
+                counts = conn.execute(sa.select(counters.c.metric, counters.c.decision, counters.c.reason,
+                                                counters.c.value).where(counters.c.device == device)).all()
+        except sa.exc.SQLAlchemyError:  # the store is down: say so, and keep the workers' own series
+            yield _gauge("bgtransfer_store_up", "1 if the state store answered this scrape.", device, 0)
+            return
+        yield _gauge("bgtransfer_store_up", "1 if the state store answered this scrape.", device, 1)
         g = GaugeMetricFamily("bgtransfer_requests", "Requests stored now, by status (COMPLETED until removed).",
                               labels=["device", "app", "status"])
-        for app, status, n in by_status:
-            g.add_metric([device, app, status], n)
+        stored = {(app, status): n for app, status, n in by_status}
+        for app in sorted({app for app, _ in stored}):  # every status of a known app, 0 included: no gaps
+            for status in TransferStatus:
+                g.add_metric([device, app, status.value], stored.get((app, status.value), 0))
         yield g
         yield _gauge("bgtransfer_device_active_transfers", "Slots held now (admitted or running).", device, active)
         yield _gauge("bgtransfer_device_max_concurrent_transfers", "The device's cap of concurrent transfers.",

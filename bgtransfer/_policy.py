@@ -201,8 +201,9 @@ class Candidate:
 class Decision:
     action: Literal["admit", "wait", "fail"]
     status: TransferStatus = TransferStatus.WAITING
-    reason: str = "admitted"
+    reason: str = "admitted"  # one of a fixed set: it is also a metrics label
     preferences: TransferPreferences | None = None  # rule 9 may change them
+    detail: str | None = None  # the request's error message, with its numbers, for a failure
 
 
 ADMIT = Decision("admit", TransferStatus.TRANSFERRING)
@@ -244,8 +245,8 @@ def decide(c: Candidate, cond: Conditions, s: Settings) -> Decision:
             return _wait(S.WAITING_FOR_WIFI, "download too large for cellular", TransferPreferences.ALLOW_BATTERY)
         if on_battery and size > s.max_download_battery_bytes:
             return Decision(
-                "fail", S.COMPLETED,
-                f"download of {size} bytes exceeds {s.max_download_battery_bytes} on battery; "
+                "fail", S.COMPLETED, "download too large on battery",
+                detail=f"download of {size} bytes exceeds {s.max_download_battery_bytes} on battery; "
                 "set transfer_preferences to NONE",
             )
     return ADMIT

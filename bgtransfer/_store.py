@@ -403,7 +403,7 @@ class Store:
             if d.action != "admit":  # an admissible request keeps showing why it last stopped
                 values.update(status=d.status.value, wait_reason=d.reason, updated_at=now)
             if d.action == "fail":
-                values.update(phase="done", error=d.reason, completed_at=now, wait_reason=None)
+                values.update(phase="done", error=d.detail or d.reason, completed_at=now, wait_reason=None)
             if d.preferences is not None:
                 values["preferences"] = d.preferences.value
             conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**values))
