@@ -132,3 +132,27 @@ def test_many_requests_never_exceed_the_device_cap(deployment: Deployment, serve
     assert server.max_concurrent == 2  # the default cap, reached and never exceeded
     assert all(sha((deployment.sandbox("a") / f"{i}.bin").read_bytes()) == sha(data) for i in range(8))
     assert {r.transfer_status for r in svc.requests} == {TransferStatus.COMPLETED}
+
+
+def test_tenant_isolation_through_every_entry_point(deployment: Deployment, server: FileServer) -> None:
+    server.put("/iso.bin", b"A" * 5000)
+    (deployment.sandbox("b") / "iso.bin").write_bytes(b"B's own file")
+    deployment.worker()
+    s = deployment.settings
+    a = deployment.service("a")
+    req = BackgroundTransferRequest(server.url("/iso.bin"), download_location="/shared/transfers/iso.bin")
+    a.add(req)
+    deployment.wait_done("a", req.request_id)
+    # A's download with the same sandbox path landed in A's sandbox; B's file is untouched
+    assert (deployment.sandbox("a") / "iso.bin").read_bytes() == b"A" * 5000
+    assert (deployment.sandbox("b") / "iso.bin").read_bytes() == b"B's own file"
+    client = Celery("client", set_as_current=False, config_source=celery_config(s))
+    assert client.send_task("bgtransfer.find", args=["b", req.request_id], queue=s.queue).get(timeout=30) is None
+    assert client.send_task("bgtransfer.requests", args=["b"], queue=s.queue).get(timeout=30) == []
+    with pytest.raises(Exception, match="no request"):
+        client.send_task("bgtransfer.remove", args=["b", req.request_id], queue=s.queue).get(timeout=30)
+    for verb in ("show", "remove", "pause", "resume"):
+        run = deployment.cli(verb, req.request_id, "--app", "b")
+        assert run.returncode == 1 and "no request" in run.stderr, (verb, run.stderr)
+    assert deployment.cli("list", "--app", "b").stdout == ""
+    assert a.find(req.request_id).transfer_status == TransferStatus.COMPLETED  # still A's, unharmed
