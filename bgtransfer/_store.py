@@ -101,6 +101,9 @@ ACTIVE = ("admitted", "running")
 
 # The admission pass runs at every start and end of a transfer: its statements are plain SQL
 # (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
+_DEVICE_SQL = "SELECT name, next_seq, conditions, cond_version FROM bgt_devices WHERE name = :device"
+_DEVICE = sa.text(_DEVICE_SQL).columns(conditions=sa.JSON)
+_DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE").columns(conditions=sa.JSON)
 _HELD = sa.text("SELECT id, removed, lease_expires FROM bgt_requests "
                 "WHERE device = :device AND phase IN ('admitted', 'running')")
 _UNDECIDED = sa.text(
@@ -202,14 +205,12 @@ class Store:
     # ------------------------------------------------------------------ devices
     def _lock_device(self, conn: Connection, device: str) -> Mapping[str, Any]:
         """The device row, locked until the transaction ends (created on first use)."""
-        q = sa.select(devices).where(devices.c.name == device)
-        if self.dialect == "postgresql":
-            q = q.with_for_update()
-        row = conn.execute(q).mappings().first()
+        q = _DEVICE_FOR_UPDATE if self.dialect == "postgresql" else _DEVICE
+        row = conn.execute(q, {"device": device}).mappings().first()
         if row is None:
             conn.execute(self._insert(devices).values(
                 name=device, next_seq=1, conditions={}, cond_version=0).on_conflict_do_nothing())
-            row = conn.execute(q).mappings().one()
+            row = conn.execute(q, {"device": device}).mappings().one()
         return row
 
     def conditions(self, device: str, now: float | None = None) -> policy.Conditions:
