@@ -197,6 +197,63 @@ _simple("pause", "pause", "Pause a request, keeping the bytes held.")
 _simple("resume", "resume", "Resume a paused request.")
 
 
+def _table(reqs: list[BackgroundTransferRequest], rates: dict[str, float]) -> Any:
+    """Every request with a progress bar, rate, ETA and status (rich renders it in place)."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    table = Table(expand=True)
+    for column in ("id", "app", "status", "progress", "bytes", "rate", "ETA", "target / reason"):
+        table.add_column(column, no_wrap=column != "target / reason")
+    for r in reqs:
+        up = r.upload_location is not None
+        done, total = (r.bytes_sent, r.total_bytes_to_send) if up else (r.bytes_received, r.total_bytes_to_receive)
+        rate = rates.get(r.request_id, 0.0)
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total else ""
+        bar = ProgressBar(total=total or None, completed=done, width=20)
+        table.add_row(r.request_id[:8], r.app_id or "", r.transfer_status.value, bar,
+                      f"{done}/{total if total is not None else '?'}", f"{rate / 1e6:.2f} MB/s" if rate else "",
+                      eta, r.transfer_error or r.wait_reason or (r.upload_location or r.download_location))
+    return table
+
+
+@main.command()
+@click.option("--app", "app_id", default=None, help="Only this app's requests (default: every app of the device).")
+@DEVICE
+@click.option("--interval", type=float, default=0.5, show_default=True, help="Seconds between refreshes.")
+@click.option("--count", type=int, default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+def watch(app_id: str | None, device: str | None, interval: float, count: int) -> None:
+    """Show every active and waiting request, updating in place."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from ._store import to_request
+
+    svc = BackgroundTransferService(app_id or "default", device=device)
+    last: dict[str, tuple[float, int]] = {}
+    rates: dict[str, float] = {}
+    console = Console()
+    with Live(console=console, auto_refresh=False, transient=not console.is_terminal) as live:
+        n = 0
+        while True:
+            now = time.monotonic()
+            rows = svc.store.list(app_id=app_id, device=svc.device)
+            reqs = [to_request(row) for row in rows]
+            for r in reqs:
+                moved = r.bytes_sent + r.bytes_received
+                if r.request_id in last and now > last[r.request_id][0]:
+                    t0, b0 = last[r.request_id]
+                    rates[r.request_id] = max(moved - b0, 0) / (now - t0)
+                last[r.request_id] = (now, moved)
+            live.update(_table(reqs, rates), refresh=True)
+            n += 1
+            if count and n >= count:
+                break
+            time.sleep(interval)
+    if not console.is_terminal:  # piped: print the last view once
+        console.print(_table(reqs, rates))
+
+
 @main.group()
 def conditions() -> None:
     """Show or set a device's network, power and data-cost conditions."""

@@ -79,3 +79,26 @@ def test_conditions_and_foreground(deployment: Deployment) -> None:
     assert bad.returncode == 2 and "lte" in bad.stderr  # click's usage error names the value
     other = json.loads(deployment.cli("conditions", "show", "--device", "other").stdout)
     assert other["network"] == "wifi", "conditions are per device"
+
+
+def test_watch_shows_progress_rate_and_status(deployment: Deployment, server: FileServer) -> None:
+    server.put("/w.bin", os.urandom(3_000_000))
+    server.behave("/w.bin", rate=500_000)
+    server.put("/q.bin", b"q" * 10)
+    deployment.worker()
+    svc = deployment.service("photos")
+    svc.set_conditions(power="battery")
+    from bgtransfer import BackgroundTransferRequest
+
+    moving = BackgroundTransferRequest(server.url("/w.bin"), download_location="/shared/transfers/w.bin",
+                                       transfer_preferences="ALLOW_BATTERY")
+    waiting = BackgroundTransferRequest(server.url("/q.bin"), download_location="/shared/transfers/q.bin")
+    svc.add(moving)
+    svc.add(waiting)
+    wait_for(lambda: svc.find(moving.request_id).bytes_received > 200_000, 30, 0.05, "bytes moving")
+    run = deployment.cli("watch", "--app", "photos", "--count", "4", "--interval", "0.3", COLUMNS="200")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert moving.request_id[:8] in out and waiting.request_id[:8] in out
+    assert "TRANSFERRING" in out and "WAITING_FOR_EXTERNAL_POWER" in out
+    assert "MB/s" in out and "/3000000" in out
