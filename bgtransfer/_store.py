@@ -411,7 +411,8 @@ class Store:
 
     # ------------------------------------------------------------------ attempts (fenced)
     def claim(self, request_id: str, token: int, owner: str, s: Settings) -> dict[str, Any] | None:
-        """Start an admitted request; None if this wake-up is stale or a duplicate."""
+        """Start an admitted request; None if this wake-up is stale or a duplicate. The row comes
+        with its device's current ``conditions``, read in the same transaction."""
         now = time.time()
         with self.tx() as conn:
             res = conn.execute(
@@ -423,7 +424,10 @@ class Store:
                         attempts=requests.c.attempts + 1, updated_at=now)
                 .returning(*requests.c)
             ).mappings().first()
-            return dict(res) if res else None
+            if res is None:
+                return None
+            dev = conn.execute(_DEVICE, {"device": res["device"]}).mappings().one()
+            return {**res, "conditions": _conditions(dev["conditions"], now)}
 
     def heartbeat(self, request_id: str, token: int, lease_seconds: float, **fields: Any) -> str | None:
         """Renew the lease and record progress; returns the app's control ('pause'/'cancel')."""

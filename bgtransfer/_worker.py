@@ -58,7 +58,7 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
     row = store.claim(request_id, token, f"{socket.gethostname()}:{os.getpid()}", s)
     if row is None:
         return None
-    cond = store.conditions(row["device"])
+    cond = row["conditions"]
     limits = engine.Limits(
         max_bytes=policy.size_cap(row["direction"], cond, s),
         min_rate=policy.min_rate(cond, s), window=s.min_rate_window,
