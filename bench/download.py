@@ -99,6 +99,7 @@ import pycurl  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
 from bgtransfer._settings import load  # noqa: E402
 from tests.httpserver import FileServer  # noqa: E402
+from tests.workerproc import WorkerProcess  # noqa: E402
 
 MB = 1_000_000
 MiB = 1024 * 1024
@@ -106,7 +107,6 @@ APP = "bench"
 POLL_SECONDS = 0.02
 CONCURRENCY = 2
 SMALL_BYTES = 10 * MB
-STOP_GRACE_SECONDS = 15.0
 RSS_TARGET_MIB = 30.0
 
 CURL, PYCURL, BGT, BGT_SHA = "curl", "bare pycurl", "bgtransfer", "bgtransfer+sha256"
@@ -203,26 +203,14 @@ def size_label(size: int) -> str:
 # ----------------------------------------------------------------------------- the worker
 
 
-class Worker:
-    """A ``python -m bgtransfer worker`` process on the embedded defaults, with its own data root and device."""
+class Worker(WorkerProcess):
+    """A worker on the embedded defaults, with its own data root and device."""
 
     def __init__(self, data_root: Path, log_path: Path, concurrency: int = CONCURRENCY) -> None:
-        self.concurrency = concurrency
         self.data_root = data_root
-        self.log_path = log_path
         self.vars = {"BGTRANSFER_DATA_ROOT": str(data_root), "BGTRANSFER_DEVICE": f"bench{uuid.uuid4().hex[:8]}"}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BGTRANSFER_")}
-        env.update(self.vars, PYTHONUNBUFFERED="1")
         data_root.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bgtransfer", "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(self.vars, log_path, concurrency)
 
     @property
     def transfers_dir(self) -> Path:
@@ -232,49 +220,16 @@ class Worker:
         return BackgroundTransferService(APP, settings=load(self.vars))
 
     def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        return self.text()[-n:]
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise BenchError(f"worker {self.pid} exited with {self.proc.returncode}:\n{self.log_tail()}")
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.log_tail(1 << 20) or len(self.children()) < self.concurrency:
+    def ready(self, timeout: float = 60.0) -> None:
+        if not self.wait_ready(timeout):
             self.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"worker {self.pid} not ready after {timeout:g} s:\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """SIGTERM the worker; SIGKILL it and the children it had if it is still there after 15 s."""
-        if self.proc.poll() is not None:
-            return
-        kids = self.children()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            print(f"worker {self.pid} still running {STOP_GRACE_SECONDS:g} s after SIGTERM: SIGKILL", file=sys.stderr)
-            for pid in [self.pid, *kids]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            return
-        for pid in kids:  # a pool child left behind by its parent would hold the data root open
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            raise BenchError(f"worker {self.pid} not ready after {timeout:g} s:\n{self.log_tail()}")
 
 
 def transfer_timeout(size: int) -> float:
@@ -383,7 +338,7 @@ def measure_rss(tmp: Path, tag: str, url: str, size: int) -> dict[str, Any]:
     """Peak RSS growth of the pool child that ran one download, in a freshly started worker."""
     worker = Worker(tmp / f"mem-{tag}", tmp / f"worker-mem-{tag}.log")
     try:
-        worker.wait_ready()
+        worker.ready()
         time.sleep(1.0)  # let the pool children settle after start-up
         before = {pid: proc_status(pid) for pid in worker.children()}
         if len(before) != worker.concurrency:
@@ -455,7 +410,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
 
     worker = Worker(tmp / "data", tmp / "worker.log")
     stack.callback(worker.stop)
-    worker.wait_ready()
+    worker.ready()
     svc = worker.service()
     warm_up(worker, svc, small_url, SMALL_BYTES)
     print(f"  worker {worker.pid} ready (pool children {worker.children()}), warmed up")

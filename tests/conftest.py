@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,8 @@ import pytest
 from bgtransfer import BackgroundTransferService, Settings
 from bgtransfer._settings import load
 from tests.httpserver import FileServer
+from tests.workerproc import ROOT, WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BGTRANSFER_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("BGTRANSFER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
@@ -66,51 +65,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 
 
 @dataclasses.dataclass
-class Worker:
-    """A real ``bgtransfer worker`` process (Celery prefork), started and ended by its pid."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool children: a crash, as a test means it."""
-        kids = self.children()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        for pid in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        """End the worker at teardown: SIGKILL, since a graceful Celery shutdown takes seconds
-        and the state store makes a kill harmless (which other tests prove)."""
-        if self.proc.poll() is None:
-            self.kill()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclasses.dataclass
 class Deployment:
     """One broker + store + data root, as a set of BGTRANSFER_* variables."""
 
     name: str
     env: dict[str, str]
     tmp: Path
-    workers: list[Worker] = dataclasses.field(default_factory=list)
+    workers: list[WorkerProcess] = dataclasses.field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
@@ -132,20 +93,13 @@ class Deployment:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BGTRANSFER_")}
         return {**env, **self.env, **extra, "PYTHONUNBUFFERED": "1"}
 
-    def worker(self, concurrency: int = 4, **extra_env: str) -> Worker:
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bgtransfer", "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            cwd=ROOT,
-            env=self.subprocess_env(**extra_env),
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        w = Worker(proc, log)
+    def worker(self, concurrency: int = 4, **extra_env: str) -> WorkerProcess:
+        """A real worker process for this deployment, ready; SIGKILLed at teardown (a graceful
+        Celery shutdown takes seconds, and the state store makes a kill harmless)."""
+        w = WorkerProcess({**self.env, **extra_env}, self.tmp / f"worker-{len(self.workers)}.log", concurrency)
         self.workers.append(w)
-        wait_for(lambda: " ready." in w.text() or proc.poll() is not None, 60, 0.1, "worker ready")
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited at start:\n{w.text()[-3000:]}")
+        if not w.wait_ready():
+            pytest.fail(f"worker did not start:\n{w.text()[-3000:]}")
         return w
 
     def cli(self, *args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess[str]:
@@ -218,7 +172,8 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deplo
             yield dep
         finally:
             for w in dep.workers:
-                w.stop()
+                if w.proc.poll() is None:
+                    w.kill()
 
 
 @pytest.fixture
