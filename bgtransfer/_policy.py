@@ -236,6 +236,9 @@ def decide(c: Candidate, cond: Conditions, s: Settings) -> Decision:
         return _wait(S.WAITING, "over data limit")
     size = c.size
     if size is not None and c.direction == "upload":
+        if size > s.max_upload_bytes:  # refused at add; the file may have grown since
+            return Decision("fail", S.COMPLETED, "upload too large",
+                            detail=f"upload of {size} bytes exceeds the largest allowed ({s.max_upload_bytes})")
         if cellular and size > s.max_upload_cellular_bytes:
             return _wait(S.WAITING_FOR_WIFI, "upload too large for cellular")
         if on_battery and size > s.max_upload_battery_bytes:

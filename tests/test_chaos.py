@@ -54,8 +54,7 @@ def test_random_kills_lose_nothing_and_never_exceed_the_cap(deployment: Deployme
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     kills = collections.Counter()
-    deadline = time.monotonic() + 12
-    while time.monotonic() < deadline:
+    while sum(kills.values()) < 8:
         time.sleep(rng.uniform(0.7, 1.5))
         i = rng.randrange(len(workers))
         w = workers[i]
@@ -75,7 +74,6 @@ def test_random_kills_lose_nothing_and_never_exceed_the_cap(deployment: Deployme
     stop.set()
     sampler.join()
     server.wait_idle()
-    assert kills["child"] + kills["main"] >= 8
     assert held_max[0] <= cap and server.max_concurrent <= cap, (held_max, server.max_concurrent)
     completed = collections.Counter()
     for w in deployment.workers:

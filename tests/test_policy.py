@@ -207,6 +207,7 @@ ADMISSION = [
         T.WAITING_FOR_EXTERNAL_POWER,
     ),
     ("upload 100MB wifi external", cand(P.NONE, "upload", 100 * MB), cond(), "admit", T.TRANSFERRING),
+    ("upload grew past 100MB", cand(P.NONE, "upload", 100 * MB + 1), cond(), "fail", T.COMPLETED),
     # rule 9: download size
     ("download 20MB cellular", cand(P.ALLOW_CELLULAR, size=20 * MB), cond("cellular"), "admit", T.TRANSFERRING),
     ("download >20MB cellular", cand(P.ALLOW_CELLULAR, size=20 * MB + 1), cond("cellular"), "wait", T.WAITING_FOR_WIFI),

@@ -40,11 +40,13 @@ class WorkerProcess:
             return ""
 
     def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        """Pool children, whichever thread forked them (billiard's supervisor thread replaces
+        killed children, and /proc lists those under that thread)."""
+        kids: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids += [int(p) for p in (task / "children").read_text().split()]
+        return kids
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """True once Celery logged " ready." and every pool child exists; False if it exited first."""
