@@ -23,7 +23,7 @@ class WorkerProcess:
         """Start a worker with ``env`` (BGTRANSFER_* variables) over a clean copy of this environment."""
         base = {k: v for k, v in os.environ.items() if not k.startswith("BGTRANSFER_")}
         self.log, self.concurrency = log, concurrency
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bgtransfer", "worker", "--concurrency", str(concurrency),
                  "--loglevel", "INFO"],
