@@ -78,6 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.workerproc import FAST as WORKER_FAST  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
 PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -96,15 +97,7 @@ APP_QUOTA = 25  # the service's default max_outstanding_per_app
 READY_TIMEOUT = 60.0
 SAMPLE_SECONDS = 0.05
 TAG_VAR = "BGTRANSFER_SOAK_TAG"  # marks every process of one worker instance (inherited by its children)
-FAST = {
-    "BGTRANSFER_LEASE_SECONDS": "3",
-    "BGTRANSFER_DISPATCH_SECONDS": "5",
-    "BGTRANSFER_SWEEP_INTERVAL": "0.5",
-    "BGTRANSFER_PROGRESS_INTERVAL": "0.25",
-    "BGTRANSFER_RETRY_BASE_SECONDS": "0.2",
-    "BGTRANSFER_RETRY_MAX_SECONDS": "2",
-    "BGTRANSFER_MAX_CONCURRENT_PER_DEVICE": str(CAP),
-}
+FAST = {**WORKER_FAST, "BGTRANSFER_MAX_CONCURRENT_PER_DEVICE": str(CAP)}
 BACKENDS = ("embedded", "rabbitmq+postgresql")
 HELD_SQL = "SELECT count(*) FROM bgt_requests WHERE device = {p} AND phase IN ('admitted', 'running')"
 COMPLETED_RE = re.compile(r"request ([0-9a-f]{32}): completed\b")

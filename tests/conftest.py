@@ -24,21 +24,11 @@ import pytest
 from bgtransfer import BackgroundTransferService, Settings
 from bgtransfer._settings import load
 from tests.httpserver import FileServer
-from tests.workerproc import ROOT, WorkerProcess
+from tests.workerproc import FAST, ROOT, WorkerProcess
 
 PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("BGTRANSFER_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("BGTRANSFER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
-# Fast clocks for tests: leases and passes in seconds, not minutes.
-FAST = {
-    "BGTRANSFER_LEASE_SECONDS": "3",
-    "BGTRANSFER_DISPATCH_SECONDS": "5",
-    "BGTRANSFER_SWEEP_INTERVAL": "0.5",
-    "BGTRANSFER_PROGRESS_INTERVAL": "0.25",
-    "BGTRANSFER_RETRY_BASE_SECONDS": "0.2",
-    "BGTRANSFER_RETRY_MAX_SECONDS": "2",
-    "BGTRANSFER_MIN_RATE_WINDOW": "2",
-}
 
 
 def reachable(url: str, default_port: int) -> bool:

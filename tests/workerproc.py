@@ -16,6 +16,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Fast clocks for tests and benchmarks: leases and passes in seconds, not minutes.
+FAST = {
+    "BGTRANSFER_LEASE_SECONDS": "3",
+    "BGTRANSFER_DISPATCH_SECONDS": "5",
+    "BGTRANSFER_SWEEP_INTERVAL": "0.5",
+    "BGTRANSFER_PROGRESS_INTERVAL": "0.25",
+    "BGTRANSFER_RETRY_BASE_SECONDS": "0.2",
+    "BGTRANSFER_RETRY_MAX_SECONDS": "2",
+    "BGTRANSFER_MIN_RATE_WINDOW": "2",
+}
 
 
 class WorkerProcess:
