@@ -102,6 +102,8 @@ def partial_name(parts: tuple[str, ...], request_id: str) -> str:
 
 
 def delete_partial(settings: Settings, app_id: str, parts: tuple[str, ...], request_id: str) -> None:
-    with contextlib.suppress(FileNotFoundError, MissingPathError), \
+    """Delete a download's partial file if it can be reached without following a link (a path
+    swapped for a symlink leads nowhere we may delete)."""
+    with contextlib.suppress(FileNotFoundError, TransferError), \
             parent_dir(settings, app_id, parts, create=False) as dfd:
         os.unlink(partial_name(parts, request_id), dir_fd=dfd)

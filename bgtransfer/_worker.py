@@ -23,7 +23,6 @@ from ._store import Store
 log = logging.getLogger("bgtransfer.worker")
 
 
-
 class StoreLease:
     """The engine's Lease, fenced by (request id, token) in the store; counts bytes as they move,
     so throughput shows while a long transfer runs, not only when it ends."""
@@ -63,10 +62,11 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         max_bytes=policy.size_cap(row["direction"], cond, s),
         min_rate=policy.min_rate(cond, s), window=s.min_rate_window,
     )
+    job = job_from_row(row)
     lease = StoreLease(store, row, token, s)
     started = time.monotonic()
     try:
-        out = engine.run(job_from_row(row), lease, limits, s)
+        out = engine.run(job, lease, limits, s)
     except TransferError as exc:  # the sandbox changed under us (a symlink swapped in, a file gone)
         out = engine.Outcome("failed", str(exc))
     except OSError as exc:  # disk full and the like: keep the partial file, try again later
@@ -82,7 +82,7 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         return out
     _metrics.observe(row, final, out, time.monotonic() - started, time.time())
     if final in ("failed", "cancelled") and row["direction"] == "download":
-        delete_partial(s, row["app_id"], policy.check_sandbox_path(row["local_path"], "local_path"), request_id)
+        delete_partial(s, job.app_id, job.parts, request_id)
     return out
 
 

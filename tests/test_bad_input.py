@@ -160,6 +160,7 @@ def test_symlink_swapped_in_after_add_is_refused_at_transfer(deployment: Deploym
     done = deployment.wait_done("bad", req.request_id)
     assert "symlink" in done.transfer_error
     assert list(outside.iterdir()) == []
+    assert "Traceback" not in deployment.workers[0].text(), "the refusal must not crash the task"
 
 
 S = Settings(data_root="/nonexistent")
