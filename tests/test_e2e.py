@@ -44,55 +44,28 @@ def test_celery_tasks_for_clients_in_other_languages(deployment: Deployment, ser
     deployment.worker()
     s = deployment.settings
     client = Celery("client", set_as_current=False, config_source=celery_config(s))  # any Celery client
-    stored = client.send_task(
-        "bgtransfer.add",
-        args=[
-            {
-                "app_id": "svc-go",
-                "url": server.url("/g.bin"),
-                "download_location": "/shared/transfers/g.bin",
-            }
-        ],
-        queue=s.queue,
-    ).get(timeout=30)
+
+    def call(task: str, *args: object):
+        return client.send_task(f"bgtransfer.{task}", args=list(args), queue=s.queue)
+
+    def add(name: str, **extra: object):
+        return call("add", {"app_id": "svc-go", "url": server.url("/g.bin"),
+                            "download_location": f"/shared/transfers/{name}", **extra})
+
+    stored = add("g.bin").get(timeout=30)
     assert stored["app_id"] == "svc-go" and len(stored["request_id"]) == 32
     rid = stored["request_id"]
-    done = wait_for(
-        lambda: (
-            (d := client.send_task("bgtransfer.find", args=["svc-go", rid], queue=s.queue).get(timeout=30))[
-                "transfer_status"
-            ]
-            == "COMPLETED"
-            and d
-        ),
-        60,
-        0.2,
-        "completion",
-    )
+    done = wait_for(lambda: (d := call("find", "svc-go", rid).get(timeout=30))["transfer_status"] == "COMPLETED"
+                    and d, 60, 0.2, "completion")
     assert done["bytes_received"] == 1000 and done["transfer_error"] is None
-    listed = client.send_task("bgtransfer.requests", args=["svc-go"], queue=s.queue).get(timeout=30)
-    assert [r["request_id"] for r in listed] == [rid]
-    bad = client.send_task(
-        "bgtransfer.add",
-        args=[
-            {
-                "app_id": "svc-go",
-                "url": server.url("/g.bin"),
-                "download_location": "/shared/transfers/g2.bin",
-                "headers": {"Range": "bytes=1-"},
-            }
-        ],
-        queue=s.queue,
-    )
+    assert [r["request_id"] for r in call("requests", "svc-go").get(timeout=30)] == [rid]
     with pytest.raises(Exception, match="reserved") as info:
-        bad.get(timeout=30)
+        add("g2.bin", headers={"Range": "bytes=1-"}).get(timeout=30)
     assert type(info.value).__name__ == "NotSupportedError"
-    wrong = client.send_task("bgtransfer.add", args=[{"app_id": "svc-go", "url": 5}], queue=s.queue)
     with pytest.raises(Exception, match="request_uri must be a string, got int"):
-        wrong.get(timeout=30)
-    client.send_task("bgtransfer.remove", args=["svc-go", rid], queue=s.queue).get(timeout=30)
-    assert client.send_task("bgtransfer.requests", args=["svc-go"], queue=s.queue).get(timeout=30) == []
-
+        call("add", {"app_id": "svc-go", "url": 5}).get(timeout=30)
+    call("remove", "svc-go", rid).get(timeout=30)
+    assert call("requests", "svc-go").get(timeout=30) == []
 
 def test_upload_streams_the_sandbox_file(deployment: Deployment, server: FileServer) -> None:
     data = os.urandom(2_000_000)
