@@ -351,8 +351,9 @@ class _Download:
         self.moved = 0
         self.cap = limits.max_bytes if limits.max_bytes is not None else 1 << 62
         self.hash_at = 1 << 62  # the position at which to wake the hasher next (never without one)
+        self.meta: dict[str, Any] = {}  # what the response said of the bytes: sent with every renewal
         self.att = _Attempt(job, lease, limits, s)
-        self.att.progress_fields = lambda down, _up: {"bytes_received": self.offset + down}
+        self.att.progress_fields = lambda down, _up: {"bytes_received": self.offset + down, **self.meta}
 
     def _start(self) -> bool:
         """At the first body byte of the final response: decide where the bytes go."""
@@ -382,15 +383,21 @@ class _Download:
             att.stop("requeue", f"{total} bytes: too large for the current conditions")
             return False
         self.total = total
-        try:  # the validator must be stored before the bytes it vouches for
-            self.lease.renew(0, validator=self.validator, total_bytes_to_receive=total,
-                              degraded=", ".join(self.degraded) or None, bytes_received=self.offset)
-        except LeaseLost:
-            att.stop("lost", "lease lost")
-            return False
-        except Exception as exc:
-            att.stop("retry", f"state store unreachable: {exc}")
-            return False
+        self.meta = {"validator": self.validator, "total_bytes_to_receive": total,
+                     "degraded": ", ".join(self.degraded) or None}
+        # A stored validator vouches for the bytes in the partial file, so one that no longer
+        # matches them must be replaced before the first byte is written. With none stored
+        # (a first attempt) the bytes stay unvouched until the first renewal, and an attempt
+        # after a crash in between starts from zero: one store write fewer per download.
+        if self.job.validator is not None and self.job.validator != self.validator:
+            try:
+                self.lease.renew(0, bytes_received=self.offset, **self.meta)
+            except LeaseLost:
+                att.stop("lost", "lease lost")
+                return False
+            except Exception as exc:
+                att.stop("retry", f"state store unreachable: {exc}")
+                return False
         self._start_hasher()
         os.lseek(self.fd, self.offset, os.SEEK_SET)
         return True

@@ -61,6 +61,9 @@ class Settings:
     block_private_destinations: bool = False
     # observability: 0 serves no metrics
     metrics_port: int = 0
+    # Celery task events (what Flower and celery-exporter read): four more broker messages per
+    # transfer, so off unless asked for, as in Celery itself
+    task_events: bool = False
 
     @property
     def root(self) -> Path:

@@ -13,12 +13,14 @@ write by an attempt carries it, so a stale attempt can never write.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -27,7 +29,7 @@ from ._exceptions import LeaseLost, QuotaExceededError, TransferError
 from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
 from ._settings import Settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 meta = sa.MetaData()
 
 requests = sa.Table(
@@ -71,9 +73,19 @@ requests = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("completed_at", sa.Float),
     sa.Index("bgt_requests_device_phase", "device", "phase", "seq"),
-    sa.Index("bgt_requests_admissible", "device", "phase", "admissible", "app_id", "seq"),
     sa.Index("bgt_requests_app", "app_id", "seq"),
 )
+# Partial indexes for the admission pass, so that each of its reads touches only what it returns
+# (slots held, requests to decide, each app's next few) and not the whole queue.
+_PARTIAL = (
+    ("bgt_requests_held", ("device",), "phase IN ('admitted', 'running')"),
+    # (decided_version is never NULL: saying so keeps the planner from taking this index for the
+    # heads query, which does not name the column, when it has no statistics to tell them apart)
+    ("bgt_requests_undecided", ("device", "decided_version"), "phase = 'queued' AND decided_version IS NOT NULL"),
+    ("bgt_requests_heads", ("device", "app_id", "seq"), "phase = 'queued' AND admissible"),
+)
+for _name, _cols, _where in _PARTIAL:
+    sa.Index(_name, *(requests.c[c] for c in _cols), postgresql_where=sa.text(_where), sqlite_where=sa.text(_where))
 devices = sa.Table(
     "bgt_devices", meta,
     sa.Column("name", sa.String(64), primary_key=True),
@@ -81,7 +93,7 @@ devices = sa.Table(
     sa.Column("conditions", sa.JSON, nullable=False),
     sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
 )
-app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a device
+app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a device (0: never)
     "bgt_app_turns", meta,
     sa.Column("device", sa.String(64), primary_key=True),
     sa.Column("app_id", sa.String(63), primary_key=True),
@@ -104,24 +116,58 @@ ACTIVE = ("admitted", "running")
 _DEVICE_SQL = "SELECT name, next_seq, conditions, cond_version FROM bgt_devices WHERE name = :device"
 _DEVICE = sa.text(_DEVICE_SQL).columns(conditions=sa.JSON)
 _DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE").columns(conditions=sa.JSON)
-_HELD = sa.text("SELECT id, removed, lease_expires FROM bgt_requests "
-                "WHERE device = :device AND phase IN ('admitted', 'running')")
-_UNDECIDED = sa.text(
+# PostgreSQL: the pass's commit need not wait for its WAL flush. What a crash could lose of it
+# (verdicts, admissions, reclaims) is recomputed by the next pass, and a lost admission's token
+# is fenced out; so the pass turns that wait off for its own transaction, in its first statement.
+_DEVICE_PASS = sa.text(
+    "SELECT set_config('synchronous_commit', 'off', true), " + _DEVICE_SQL[len("SELECT "):] + " FOR UPDATE"
+).columns(conditions=sa.JSON)
+_HELD = "device = :device AND phase IN ('admitted', 'running')"
+_TALLY = sa.text(  # read after the device lock, so no other pass can change them meanwhile
+    f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"
+    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now))"
+    " AS expired, (SELECT min(decided_version) FROM bgt_requests WHERE device = :device AND phase = 'queued'"
+    " AND decided_version IS NOT NULL)"
+    " AS oldest_verdict")  # one step down the undecided index: older than the conditions means stale
+_EXPIRED = sa.text(
+    f"SELECT id, removed FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now)")
+_ADD_CHECKS = sa.text(  # rules 5-6 and the duplicates an add must refuse, in one read
+    "SELECT (SELECT count(*) FROM bgt_requests WHERE id = :id),"
+    " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed),"
+    " (SELECT count(*) FROM bgt_requests WHERE device = :device AND NOT removed),"
+    " (SELECT min(id) FROM bgt_requests WHERE app_id = :app AND NOT removed AND direction = 'download'"
+    " AND local_path = :path)")
+_UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index range
     "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
-    "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version <> :version")
-_HEADS = sa.text(  # the first `free` admissible requests of each app, with the app's last turn
-    "SELECT r.id, r.app_id, r.lease_token, t.last_admit_at FROM ("
-    " SELECT id, app_id, lease_token, seq, ROW_NUMBER() OVER (PARTITION BY app_id ORDER BY seq) AS rnk"
-    " FROM bgt_requests WHERE device = :device AND phase = 'queued' AND admissible = :yes"
-    " AND not_before <= :now) r "
-    "LEFT JOIN bgt_app_turns t ON t.device = :device AND t.app_id = r.app_id "
-    "WHERE r.rnk <= :free ORDER BY r.seq").bindparams(sa.bindparam("yes", type_=sa.Boolean))
+    "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version < :version")
+# The first `free` admissible requests of each app with the app's last turn, in arrival order:
+# each app's range of the heads index is walked for `free` rows, whatever the queue's length.
+# PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN list per app the
+# same way (PostgreSQL would instead test that list against every queued row).
+_QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
+_HEADS = {
+    "postgresql": sa.text(
+        "SELECT r.id, t.app_id, r.lease_token, t.last_admit_at FROM bgt_app_turns t CROSS JOIN LATERAL ("
+        f" SELECT id, lease_token, seq FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
+        " ORDER BY seq LIMIT :free) r WHERE t.device = :device ORDER BY r.seq"),
+    "sqlite": sa.text(
+        "SELECT r.id, t.app_id, r.lease_token, t.last_admit_at FROM bgt_app_turns t JOIN bgt_requests r ON r.id IN ("
+        f" SELECT id FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
+        " ORDER BY seq LIMIT :free) WHERE t.device = :device ORDER BY r.seq"),
+}
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
-    "wait_reason = NULL, updated_at = :now WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True))
+    "wait_reason = NULL, updated_at = :now WHERE id = :id")
 _TURN = sa.text(
     "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, :at) "
     "ON CONFLICT (device, app_id) DO UPDATE SET last_admit_at = excluded.last_admit_at")
+_NEXT_SEQ = sa.text("UPDATE bgt_devices SET next_seq = :seq WHERE name = :device")
+_GET = sa.select(requests).where(
+    requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
+    sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
+_FIRST_TURN = sa.text(  # an app's first request on a device makes it one of the device's apps
+    "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, 0) "
+    "ON CONFLICT (device, app_id) DO NOTHING")
 _COUNT = sa.text(
     "INSERT INTO bgt_counters (device, metric, decision, reason, value) VALUES (:device, :metric, :decision, "
     ":reason, :n) ON CONFLICT (device, metric, decision, reason) DO UPDATE SET value = bgt_counters.value + :n")
@@ -203,9 +249,12 @@ class Store:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
     # ------------------------------------------------------------------ devices
-    def _lock_device(self, conn: Connection, device: str) -> Mapping[str, Any]:
-        """The device row, locked until the transaction ends (created on first use)."""
-        q = _DEVICE_FOR_UPDATE if self.dialect == "postgresql" else _DEVICE
+    def _lock_device(self, conn: Connection, device: str, durable: bool = True) -> Mapping[str, Any]:
+        """The device row, locked until the transaction ends (created on first use). A transaction
+        that is not ``durable`` does not wait for PostgreSQL's WAL flush when it commits."""
+        q = _DEVICE_FOR_UPDATE if durable else _DEVICE_PASS
+        if self.dialect != "postgresql":
+            q = _DEVICE  # BEGIN IMMEDIATE already holds the database's write lock
         row = conn.execute(q, {"device": device}).mappings().first()
         if row is None:
             conn.execute(self._insert(devices).values(
@@ -234,51 +283,41 @@ class Store:
 
     # ------------------------------------------------------------------ requests
     def insert(self, row: dict[str, Any], s: Settings) -> None:
-        """Store a new request after the counted rules (5, 6); raise and store nothing on breach."""
+        """Store a new request after the counted rules (5, 6); raise and store nothing on breach.
+
+        The request is decided here under the device's conditions, so an admission pass only
+        decides again what a change (of conditions, of a size learnt) has made stale."""
         now = time.time()
         with self.tx() as conn:
             dev = self._lock_device(conn, row["device"])
-            if conn.execute(sa.select(requests.c.id).where(requests.c.id == row["id"])).first():
+            exists, n_app, n_dev, target_of = conn.execute(_ADD_CHECKS, {
+                "id": row["id"], "app": row["app_id"], "device": row["device"], "path": row["local_path"]}).one()
+            if exists:
                 raise TransferError(f"request {row['id']} was already added")
-            live = requests.c.removed.is_(False)
-            n_app = conn.execute(
-                sa.select(sa.func.count()).where(requests.c.app_id == row["app_id"], live)
-            ).scalar()
             if n_app >= s.max_outstanding_per_app:
                 raise QuotaExceededError(
                     f"app {row['app_id']!r} has {n_app} outstanding requests (at most "
                     f"{s.max_outstanding_per_app}); remove completed ones first"
                 )
-            n_dev = conn.execute(
-                sa.select(sa.func.count()).where(requests.c.device == row["device"], live)
-            ).scalar()
             if n_dev >= s.max_queued_per_device:
                 raise QuotaExceededError(
                     f"device {row['device']!r} has {n_dev} queued requests (at most {s.max_queued_per_device})"
                 )
-            if row["direction"] == "download":
-                dup = conn.execute(
-                    sa.select(requests.c.id).where(
-                        requests.c.app_id == row["app_id"], live, requests.c.direction == "download",
-                        requests.c.local_path == row["local_path"],
-                    )
-                ).first()
-                if dup:
-                    raise TransferError(
-                        f"{row['local_path']} is already the target of request {dup.id}"
-                    )
-            conn.execute(devices.update().where(devices.c.name == row["device"]).values(next_seq=dev["next_seq"] + 1))
-            conn.execute(requests.insert().values(
-                **row, seq=dev["next_seq"], phase="queued", status=TransferStatus.WAITING.value,
-                created_at=now, updated_at=now,
-            ))
+            if target_of and row["direction"] == "download":
+                raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
+            d = _verdict(row, _conditions(dev["conditions"], now), s)
+            conn.execute(_NEXT_SEQ, {"device": row["device"], "seq": dev["next_seq"] + 1})
+            conn.execute(requests.insert(), {
+                **row, "seq": dev["next_seq"], "phase": "queued", "status": TransferStatus.WAITING.value,
+                "created_at": now, "updated_at": now, **_verdict_values(d, dev["cond_version"], now),
+            })
+            conn.execute(_FIRST_TURN, {"device": row["device"], "app": row["app_id"]})
+            self._count_verdicts(conn, row["device"], {d: 1})
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
-        q = sa.select(requests).where(requests.c.id == request_id, requests.c.removed.is_(False))
-        if app_id is not None:
-            q = q.where(requests.c.app_id == app_id)
+        """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
         with self.tx() as conn:
-            row = conn.execute(q).mappings().first()
+            row = conn.execute(_GET, {"rid": request_id, "app": app_id}).mappings().first()
         return dict(row) if row else None
 
     def list(self, app_id: str | None = None, device: str | None = None) -> list[dict[str, Any]]:
@@ -348,66 +387,87 @@ class Store:
         conditions (new ones, requeued ones, or all after a change), and gives the free slots
         round-robin across apps. Its cost grows with what changed and with the number of apps,
         not with the length of the queue: decisions are stored, and only the first few
-        admissible requests of each app are read.
+        admissible requests of each app are read. When nothing needs deciding or reclaiming
+        (the usual case), it is two round trips to the store: lock and read, then admit and commit.
         """
         now = time.time() if now is None else now
+        p = {"device": device, "now": now, "free": s.max_concurrent_per_device}
+        read = [(_TALLY, p), (_HEADS[self.dialect], p)]
         with self.tx() as conn:
-            dev = self._lock_device(conn, device)
-            stored, version = dict(dev["conditions"]), dev["cond_version"]
-            fg = stored.get("foreground", {})
-            if any(t <= now for t in fg.values()):  # an app left the foreground: a change too
-                stored["foreground"] = {a: t for a, t in fg.items() if t > now}
-                version += 1
-                conn.execute(devices.update().where(devices.c.name == device).values(
-                    conditions=stored, cond_version=version))
-            cond = _conditions(stored, now)
-            held = conn.execute(_HELD, {"device": device}).all()
-            expired = [r for r in held if r.lease_expires is None or r.lease_expires < now]
-            if expired:  # a dead worker's slots come back; removed requests it held are forgotten
-                conn.execute(requests.delete().where(requests.c.id.in_([r.id for r in expired if r.removed])))
-                conn.execute(requests.update().where(requests.c.id.in_([r.id for r in expired if not r.removed]))
-                             .values(phase="queued", status=TransferStatus.WAITING.value, decided_version=-1,
-                                     wait_reason="lease expired; resuming", lease_expires=None, control=None,
-                                     updated_at=now))
-                conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
-                                      "n": len(expired)})
-            self._decide(conn, device, cond, version, s, now)
-            free = s.max_concurrent_per_device - (len(held) - len(expired))
-            if free <= 0:
+            lock = _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE
+            dev, tally, heads = self._batch(conn, [(lock, p), *read])
+            held, n_expired, oldest_verdict = tally[0]
+            stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
+            if not dev or n_expired or stale or _left_foreground(dev[0].conditions, now):
+                self._refresh(conn, device, s, now)
+                tally, heads = self._batch(conn, read)
+                held = tally[0][0]
+            free = s.max_concurrent_per_device - held
+            if free <= 0 or not heads:
                 return []
-            heads = conn.execute(_HEADS, {"device": device, "yes": True, "now": now, "free": free}).all()
-            if not heads:
-                return []
-            turns = {app: last for _, app, _, last in heads if last is not None}
+            turns = {app: last for _, app, _, last in heads}
             picked = policy.round_robin([(app, rid) for rid, app, _, _ in heads], turns, free)
-            info = {rid: (app, token) for rid, app, token, _ in heads}
-            conn.execute(_ADMIT, {"ids": picked, "expires": now + s.dispatch_seconds, "now": now})
-            served = {info[rid][0]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
-            conn.execute(_TURN, [{"device": device, "app": app, "at": at} for app, at in served.items()])
-            return [(rid, info[rid][1] + 1) for rid in picked]
+            token = {rid: t + 1 for rid, _, t, _ in heads}
+            app_of = {rid: app for rid, app, _, _ in heads}
+            served = {app_of[rid]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
+            self._batch(conn, [(_ADMIT, {"id": rid, "expires": now + s.dispatch_seconds, "now": now}) for rid in picked]
+                        + [(_TURN, {"device": device, "app": app, "at": at}) for app, at in served.items()],
+                        commit=True)
+            return [(rid, token[rid]) for rid in picked]
+
+    def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> None:
+        """What an admission pass does before it can admit, when there is something to do:
+        create the device, note apps that left the foreground, reclaim expired leases, decide."""
+        dev = self._lock_device(conn, device, durable=False)
+        stored, version = dict(dev["conditions"]), dev["cond_version"]
+        if _left_foreground(stored, now):  # a change of conditions too
+            stored["foreground"] = {a: t for a, t in stored["foreground"].items() if t > now}
+            version += 1
+            conn.execute(devices.update().where(devices.c.name == device).values(
+                conditions=stored, cond_version=version))
+        expired = conn.execute(_EXPIRED, {"device": device, "now": now}).all()
+        if expired:  # a dead worker's slots come back; removed requests it held are forgotten
+            conn.execute(requests.delete().where(requests.c.id.in_([r.id for r in expired if r.removed])))
+            conn.execute(requests.update().where(requests.c.id.in_([r.id for r in expired if not r.removed]))
+                         .values(phase="queued", status=TransferStatus.WAITING.value, decided_version=-1,
+                                 wait_reason="lease expired; resuming", lease_expires=None, control=None,
+                                 updated_at=now))
+            conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
+                                  "n": len(expired)})
+        self._decide(conn, device, _conditions(stored, now), version, s, now)
+
+    def _batch(self, conn: Connection, steps: list[tuple[sa.TextClause, Mapping[str, Any]]],
+               commit: bool = False) -> list[list[Any]]:
+        """Run statements in order and return the rows of each. On PostgreSQL they travel in one
+        round trip (a psycopg pipeline), with the COMMIT when ``commit``; SQLite is in-process,
+        where a round trip costs nothing."""
+        if self.dialect != "postgresql":
+            results = [conn.execute(stmt, params) for stmt, params in steps]
+            return [r.all() if r.returns_rows else [] for r in results]
+
+        raw = conn.connection.driver_connection
+        with raw.pipeline():
+            cursors = [raw.cursor(row_factory=namedtuple_row) for _ in steps]
+            for cur, (stmt, params) in zip(cursors, steps, strict=True):
+                cur.execute(_pg_sql(stmt), params)
+            if commit:
+                raw.commit()
+        return [cur.fetchall() if cur.description is not None else [] for cur in cursors]
 
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
                 now: float) -> None:
         """Decide the queued requests not yet decided under ``version``; store each verdict."""
-        rows = conn.execute(_UNDECIDED, {"device": device, "version": version}).all()
         groups: dict[policy.Decision, list[str]] = {}
-        for rid, app, direction, prefs, down_total, up_total, received in rows:
-            # a stream without Content-Length that outgrew a cap has a size of at least what arrived
-            size = up_total if direction == "upload" else (max(down_total or 0, received) or None)
-            d = policy.decide(policy.Candidate(app, direction, TransferPreferences(prefs), size), cond, s)
-            groups.setdefault(d, []).append(rid)
-        if groups:
-            conn.execute(_COUNT, [{"device": device, "metric": "decision", "decision": d.action, "reason": d.reason,
-                                   "n": len(ids)} for d, ids in groups.items()])
+        for row in conn.execute(_UNDECIDED, {"device": device, "version": version}).mappings():
+            groups.setdefault(_verdict(row, cond, s), []).append(row["id"])
+        self._count_verdicts(conn, device, {d: len(ids) for d, ids in groups.items()})
         for d, ids in groups.items():
-            values: dict[str, Any] = {"decided_version": version, "admissible": d.action == "admit"}
-            if d.action != "admit":  # an admissible request keeps showing why it last stopped
-                values.update(status=d.status.value, wait_reason=d.reason, updated_at=now)
-            if d.action == "fail":
-                values.update(phase="done", error=d.detail or d.reason, completed_at=now, wait_reason=None)
-            if d.preferences is not None:
-                values["preferences"] = d.preferences.value
-            conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**values))
+            conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**_verdict_values(d, version, now)))
+
+    def _count_verdicts(self, conn: Connection, device: str, counts: Mapping[policy.Decision, int]) -> None:
+        if counts:
+            conn.execute(_COUNT, [{"device": device, "metric": "decision", "decision": d.action, "reason": d.reason,
+                                   "n": n} for d, n in counts.items()])
 
     # ------------------------------------------------------------------ attempts (fenced)
     def claim(self, request_id: str, token: int, owner: str, s: Settings) -> dict[str, Any] | None:
@@ -415,15 +475,8 @@ class Store:
         with its device's current ``conditions``, read in the same transaction."""
         now = time.time()
         with self.tx() as conn:
-            res = conn.execute(
-                requests.update()
-                .where(requests.c.id == request_id, requests.c.lease_token == token,
-                       requests.c.phase == "admitted")
-                .values(phase="running", status=TransferStatus.TRANSFERRING.value, wait_reason=None,
-                        lease_owner=owner, lease_expires=now + s.lease_seconds,
-                        attempts=requests.c.attempts + 1, updated_at=now)
-                .returning(*requests.c)
-            ).mappings().first()
+            res = conn.execute(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
+                                        "expires": now + s.lease_seconds, "now": now}).mappings().first()
             if res is None:
                 return None
             dev = conn.execute(_DEVICE, {"device": res["device"]}).mappings().one()
@@ -433,13 +486,7 @@ class Store:
         """Renew the lease and record progress; returns the app's control ('pause'/'cancel')."""
         now = time.time()
         with self.tx() as conn:
-            row = conn.execute(
-                requests.update()
-                .where(requests.c.id == request_id, requests.c.lease_token == token,
-                       requests.c.phase == "running")
-                .values(lease_expires=now + lease_seconds, updated_at=now, **fields)
-                .returning(requests.c.control)
-            ).first()
+            row = _renew(conn, request_id, token, {"lease_expires": now + lease_seconds, "updated_at": now, **fields})
         if row is None:
             raise LeaseLost(request_id)
         return row.control
@@ -448,22 +495,77 @@ class Store:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
         now = time.time()
         with self.tx() as conn:
-            where = sa.and_(requests.c.id == request_id, requests.c.lease_token == token,
-                            requests.c.phase == "running")
-            row = conn.execute(sa.select(requests).where(where)).mappings().first()
+            row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
             if row is None:
                 raise LeaseLost(request_id)
             if row["removed"]:
-                conn.execute(requests.delete().where(where))
+                conn.execute(requests.delete().where(requests.c.id == request_id))
                 return {**row, "phase": "removed"}
             if fields.get("phase") == "queued":
                 fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
             if row["control"] == "pause" and fields.get("phase") != "done":
                 fields.update(phase="paused", status=TransferStatus.PAUSED.value,
                               wait_reason="paused by the app", control=None)
-            conn.execute(requests.update().where(where).values(
-                lease_expires=None, lease_owner=None, updated_at=now, **fields))
+            _renew(conn, request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields})
             return {**row, **fields}
+
+
+# An attempt's statements are built once: composing an UPDATE costs more than running it here.
+_FENCE = sa.and_(requests.c.id == sa.bindparam("rid"), requests.c.lease_token == sa.bindparam("token"))
+_CLAIM = (
+    requests.update().where(_FENCE, requests.c.phase == "admitted")
+    .values(phase="running", status=TransferStatus.TRANSFERRING.value, wait_reason=None,
+            lease_owner=sa.bindparam("owner"), lease_expires=sa.bindparam("expires"),
+            attempts=requests.c.attempts + 1, updated_at=sa.bindparam("now"))
+    .returning(*requests.c)
+)
+_RUNNING = sa.select(requests).where(_FENCE, requests.c.phase == "running")
+
+
+@functools.cache
+def _renewal(names: tuple[str, ...]) -> sa.Update:
+    """The fenced UPDATE of a running attempt's row that sets the columns ``names``."""
+    return (requests.update().where(_FENCE, requests.c.phase == "running")
+            .values({n: sa.bindparam(f"set_{n}") for n in names}).returning(requests.c.control))
+
+
+def _renew(conn: Connection, request_id: str, token: int, values: Mapping[str, Any]) -> Any:
+    """Set ``values`` on a running attempt's row if ``token`` still holds it; its control, or None."""
+    params = {"rid": request_id, "token": token, **{f"set_{k}": v for k, v in values.items()}}
+    return conn.execute(_renewal(tuple(values)), params).first()
+
+
+def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
+    """Whether an app's time in the foreground has ended since these conditions were stored."""
+    return any(t <= now for t in stored.get("foreground", {}).values())
+
+
+@functools.cache
+def _pg_sql(stmt: sa.TextClause) -> str:
+    """A text statement in psycopg's own parameter style, for a pipeline."""
+    return str(stmt.compile(dialect=postgresql.psycopg.dialect()))
+
+
+def _verdict(row: Mapping[str, Any], cond: policy.Conditions, s: Settings) -> policy.Decision:
+    """The policy's decision for a stored (or about to be stored) request."""
+    received = row.get("bytes_received") or 0
+    # a stream without Content-Length that outgrew a cap has a size of at least what arrived
+    size = (row.get("total_bytes_to_send") if row["direction"] == "upload"
+            else (max(row.get("total_bytes_to_receive") or 0, received) or None))
+    candidate = policy.Candidate(row["app_id"], row["direction"], TransferPreferences(row["preferences"]), size)
+    return policy.decide(candidate, cond, s)
+
+
+def _verdict_values(d: policy.Decision, version: int, now: float) -> dict[str, Any]:
+    """The columns that record a decision made under conditions ``version``."""
+    values: dict[str, Any] = {"decided_version": version, "admissible": d.action == "admit"}
+    if d.action != "admit":  # an admissible request keeps showing why it last stopped
+        values.update(status=d.status.value, wait_reason=d.reason, updated_at=now)
+    if d.action == "fail":
+        values.update(phase="done", error=d.detail or d.reason, completed_at=now, wait_reason=None)
+    if d.preferences is not None:
+        values["preferences"] = d.preferences.value
+    return values
 
 
 def _conditions(stored: Mapping[str, Any], now: float) -> policy.Conditions:
@@ -476,7 +578,20 @@ def _create_v1(conn: Connection) -> None:
     meta.create_all(conn, tables=[requests, devices, app_turns, counters])
 
 
-MIGRATIONS = ((1, _create_v1),)
+def _admission_indexes_v2(conn: Connection) -> None:
+    """Partial indexes for the admission pass; every app with requests gets its turn row."""
+    conn.exec_driver_sql("DROP INDEX IF EXISTS bgt_requests_admissible")
+    for index in requests.indexes:
+        index.create(conn, checkfirst=True)
+    conn.exec_driver_sql(
+        "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) SELECT DISTINCT device, app_id, 0 "
+        "FROM bgt_requests WHERE true ON CONFLICT (device, app_id) DO NOTHING")
+    if conn.dialect.name == "postgresql":  # fresh statistics soon after a burst of adds keep the plans right
+        conn.exec_driver_sql("ALTER TABLE bgt_requests SET (autovacuum_analyze_scale_factor = 0.02, "
+                             "autovacuum_analyze_threshold = 100)")
+
+
+MIGRATIONS = ((1, _create_v1), (2, _admission_indexes_v2))
 
 
 def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:

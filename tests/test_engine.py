@@ -86,6 +86,25 @@ def test_sigkill_mid_download_resumes_without_refetching(deployment: Deployment,
     assert leftovers(deployment) == ["big.bin"]
 
 
+def test_sigkill_before_the_first_renewal_restarts_from_zero(deployment: Deployment, server: FileServer) -> None:
+    """A first attempt stores its validator with its first renewal, not before its first byte:
+    bytes written before then vouch for nothing, so the next attempt must not resume on them."""
+    old, new = os.urandom(3_000_000), os.urandom(2_000_000)
+    server.put("/u.bin", old)
+    server.behave("/u.bin", rate=1_000_000)
+    worker = deployment.worker(BGTRANSFER_PROGRESS_INTERVAL="60")  # no renewal during this test
+    req = get(deployment, server, "/u.bin")
+    wait_for(lambda: (p := part_file(deployment)) and p.stat().st_size > 500_000, 30, 0.02, "bytes on disk")
+    worker.kill()
+    assert deployment.service("app").store.get(req.request_id)["validator"] is None
+    server.wait_idle()
+    server.put("/u.bin", new)  # were the old bytes kept, the new file would be spliced onto them
+    server.behave("/u.bin")
+    deployment.worker()
+    ok(deployment, req, new)
+    assert server.requests_for("/u.bin")[-1].range_start is None
+
+
 def test_file_changed_between_attempts_gives_the_new_file_whole(deployment: Deployment, server: FileServer) -> None:
     old, new = os.urandom(1_000_000), os.urandom(1_200_000)
     server.put("/f.bin", old)

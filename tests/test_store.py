@@ -25,13 +25,13 @@ def env(request: pytest.FixtureRequest, tmp_path) -> tuple[Store, Settings, Depl
         yield Store(s.store_url), s, dep
 
 
-def add(store: Store, s: Settings, app: str, n: int, device: str) -> list[str]:
+def add(store: Store, s: Settings, app: str, n: int, device: str, prefs: str = "NONE") -> list[str]:
     ids = []
     for i in range(n):
         r = BackgroundTransferRequest("http://127.0.0.1/x", download_location=f"/shared/transfers/{app}{i}")
         store.insert({"id": r.request_id, "device": device, "app_id": app, "method": "GET", "url": r.request_uri,
                       "headers": {}, "direction": "download", "local_path": r.download_location,
-                      "preferences": "NONE", "tag": None, "expected_sha256": None}, s)
+                      "preferences": prefs, "tag": None, "expected_sha256": None}, s)
         ids.append(r.request_id)
     return ids
 
@@ -40,7 +40,7 @@ def test_migrate_is_idempotent_and_versioned(env) -> None:
     store, s, dep = env
     Store(s.store_url)  # a second process starting up
     with store.tx() as conn:
-        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1]
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2]
 
 
 def test_cap_fencing_and_release(env) -> None:
@@ -119,3 +119,37 @@ def test_remove_of_a_running_request_waits_for_its_worker(env) -> None:
         from bgtransfer._store import requests
 
         assert conn.execute(sa.select(sa.func.count()).select_from(requests)).scalar() == 0
+
+
+def decisions(store: Store, device: str) -> int:
+    from bgtransfer._store import counters
+
+    with store.tx() as conn:
+        return conn.execute(sa.select(sa.func.coalesce(sa.func.sum(counters.c.value), 0)).where(
+            counters.c.device == device, counters.c.metric == "decision")).scalar()
+
+
+def test_add_decides_at_once_and_a_pass_decides_only_what_changed(env) -> None:
+    store, s, dep = env
+    store.set_conditions(dep.device, {"network": "cellular"})
+    (rid,) = add(store, s, "a", 1, dep.device)
+    row = store.get(rid)  # decided by the add itself, before any pass
+    assert not row["admissible"] and row["status"] == TransferStatus.WAITING_FOR_WIFI.value
+    assert row["decided_version"] == 1 and decisions(store, dep.device) == 1
+    (rid2,) = add(store, s, "b", 1, dep.device)
+    assert store.promote(dep.device, s) == [] and decisions(store, dep.device) == 2  # nothing re-decided
+    store.set_conditions(dep.device, {"network": "wifi"})
+    assert sorted(r for r, _ in store.promote(dep.device, s)) == sorted([rid, rid2])
+    assert decisions(store, dep.device) == 4  # both, once, under the new conditions
+
+
+def test_a_pass_notices_an_app_leaving_the_foreground(env) -> None:
+    store, s, dep = env
+    now = time.time()
+    store.set_conditions(dep.device, {"network": "cellular-2g", "foreground": {"a": now + 5}})
+    (rid,) = add(store, s, "a", 1, dep.device, prefs="ALLOW_CELLULAR_AND_BATTERY")
+    assert store.get(rid)["admissible"]  # 2G is allowed for an app in the foreground
+    assert store.promote(dep.device, s, now=now + 10) == []  # ... but it left before a slot was given
+    row = store.get(rid)
+    assert not row["admissible"] and row["status"] == TransferStatus.WAITING_FOR_NON_VOICE_BLOCKING_NETWORK.value
+    assert store.conditions(dep.device, now + 10).foreground == frozenset()
