@@ -153,3 +153,21 @@ def test_a_pass_notices_an_app_leaving_the_foreground(env) -> None:
     row = store.get(rid)
     assert not row["admissible"] and row["status"] == TransferStatus.WAITING_FOR_NON_VOICE_BLOCKING_NETWORK.value
     assert store.conditions(dep.device, now + 10).foreground == frozenset()
+
+
+def test_a_version_1_store_is_upgraded_in_place(env) -> None:
+    """A store made by version 1 (no partial indexes, turn rows only for apps already served)
+    gets both at the next start, and its queued requests are admitted as before."""
+    store, s, dep = env
+    (rid,) = add(store, s, "a", 1, dep.device)
+    with store.tx() as conn:
+        for name in ("bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"):
+            conn.exec_driver_sql(f"DROP INDEX {name}")
+        conn.exec_driver_sql("DELETE FROM bgt_app_turns")
+        conn.execute(schema.delete().where(schema.c.version == 2))
+    upgraded = Store(s.store_url)
+    with upgraded.tx() as conn:
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2]
+        names = {i["name"] for i in sa.inspect(conn).get_indexes("bgt_requests")}
+    assert {"bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"} <= names
+    assert [r for r, _ in upgraded.promote(dep.device, s)] == [rid]
