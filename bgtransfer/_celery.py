@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -39,21 +40,32 @@ def sender_for(s: Settings) -> Celery:
     return _senders[key]
 
 
-def kick(s: Settings, device: str) -> int:
-    """Run an admission pass for ``device`` and wake a worker for each request it admits."""
+def kick(s: Settings, device: str, keep: bool = False) -> tuple[str, int] | None:
+    """Run an admission pass for ``device`` and wake a worker for each request it admits; with
+    ``keep``, the first admitted request is returned to the caller to run instead."""
     picks = store_for(s).promote(device, s)
+    kept = picks.pop(0) if keep and picks else None
+    dispatch(s, device, picks)
+    return kept
+
+
+def dispatch(s: Settings, device: str, picks: list[tuple[str, int]]) -> None:
+    """Wake a worker for each admitted (request id, token)."""
     sender = sender_for(s)
     for request_id, token in picks:
         sender.send_task("bgtransfer.transfer", args=(request_id, token), queue=queue_name(device))
-    return len(picks)
 
 
 @app.task(name="bgtransfer.transfer", ignore_result=True, acks_late=True)
 def transfer(request_id: str, token: int) -> None:
+    """Run an admitted request; then, while ``chain_seconds`` last, the next one this process's
+    own admission pass gives it, without a broker round trip between the two."""
     s = load()
-    out = _worker.run_attempt(store_for(s), s, request_id, token)
-    if out is not None:
-        kick(s, s.device)
+    store = store_for(s)
+    until = time.monotonic() + s.chain_seconds
+    job: tuple[str, int] | None = (request_id, token)
+    while job is not None and _worker.run_attempt(store, s, *job) is not None:
+        job = kick(s, s.device, keep=time.monotonic() < until)
 
 
 @app.task(name="bgtransfer.add")

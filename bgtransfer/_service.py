@@ -62,9 +62,9 @@ class BackgroundTransferService:
             row["total_bytes_to_send"] = size
         else:
             check_target(s, self.app_id, c.local_parts)
-        self.store.insert(row, s)
+        picks = self.store.insert(row, s)
         request.app_id, request.transfer_status = self.app_id, TransferStatus.WAITING
-        self._kick()
+        self._kick(picks)
         return request
 
     def find(self, request_id: str) -> BackgroundTransferRequest | None:
@@ -108,11 +108,15 @@ class BackgroundTransferService:
         return self.set_conditions(foreground={self.app_id: time.time() + ttl})
 
     # ------------------------------------------------------------------ helpers
-    def _kick(self) -> None:
-        from ._celery import kick  # the Celery app loads only when something is to be sent
+    def _kick(self, picks: list[tuple[str, int]] | None = None) -> None:
+        """Dispatch ``picks`` (already admitted), or run an admission pass and dispatch what it admits."""
+        from ._celery import dispatch, kick  # the Celery app loads only when something is to be sent
 
         try:
-            kick(self.settings, self.device)
+            if picks is None:
+                kick(self.settings, self.device)
+            elif picks:
+                dispatch(self.settings, self.device, picks)
         except Exception:  # the broker is down: the request is stored; the periodic pass dispatches it
             log.warning("could not dispatch now; a worker's periodic pass will", exc_info=True)
 

@@ -47,6 +47,9 @@ class Settings:
     lease_seconds: float = 30.0
     dispatch_seconds: float = 60.0  # an admitted request not claimed by then is re-dispatched
     sweep_interval: float = 5.0
+    # a pool process that ends a transfer runs the next one it admits itself, with no broker
+    # round trip, for this long; then it hands over through the broker (0: always hand over)
+    chain_seconds: float = 10.0
     progress_interval: float = 1.0
     max_attempts: int = 20
     retry_base_seconds: float = 2.0

@@ -282,8 +282,9 @@ class Store:
             return cond
 
     # ------------------------------------------------------------------ requests
-    def insert(self, row: dict[str, Any], s: Settings) -> None:
+    def insert(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
         """Store a new request after the counted rules (5, 6); raise and store nothing on breach.
+        Returns what the admission pass run in the same transaction admitted, to dispatch.
 
         The request is decided here under the device's conditions, so an admission pass only
         decides again what a change (of conditions, of a size learnt) has made stale."""
@@ -313,6 +314,7 @@ class Store:
             })
             conn.execute(_FIRST_TURN, {"device": row["device"], "app": row["app_id"]})
             self._count_verdicts(conn, row["device"], {d: 1})
+            return self._pass(conn, row["device"], s, now, _DEVICE)  # the device row is locked already
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -391,29 +393,34 @@ class Store:
         (the usual case), it is two round trips to the store: lock and read, then admit and commit.
         """
         now = time.time() if now is None else now
+        with self.tx() as conn:
+            return self._pass(conn, device, s, now, _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE)
+
+    def _pass(self, conn: Connection, device: str, s: Settings, now: float,
+              lock: sa.TextClause) -> list[tuple[str, int]]:
+        """The admission pass inside ``conn``'s transaction, which it commits; ``lock`` reads the
+        device row (and locks it, unless the transaction already holds it)."""
         p = {"device": device, "now": now, "free": s.max_concurrent_per_device}
         read = [(_TALLY, p), (_HEADS[self.dialect], p)]
-        with self.tx() as conn:
-            lock = _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE
-            dev, tally, heads = self._batch(conn, [(lock, p), *read])
-            held, n_expired, oldest_verdict = tally[0]
-            stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
-            if not dev or n_expired or stale or _left_foreground(dev[0].conditions, now):
-                self._refresh(conn, device, s, now)
-                tally, heads = self._batch(conn, read)
-                held = tally[0][0]
-            free = s.max_concurrent_per_device - held
-            if free <= 0 or not heads:
-                return []
-            turns = {app: last for _, app, _, last in heads}
-            picked = policy.round_robin([(app, rid) for rid, app, _, _ in heads], turns, free)
-            token = {rid: t + 1 for rid, _, t, _ in heads}
-            app_of = {rid: app for rid, app, _, _ in heads}
-            served = {app_of[rid]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
-            self._batch(conn, [(_ADMIT, {"id": rid, "expires": now + s.dispatch_seconds, "now": now}) for rid in picked]
-                        + [(_TURN, {"device": device, "app": app, "at": at}) for app, at in served.items()],
-                        commit=True)
-            return [(rid, token[rid]) for rid in picked]
+        dev, tally, heads = self._batch(conn, [(lock, p), *read])
+        held, n_expired, oldest_verdict = tally[0]
+        stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
+        if not dev or n_expired or stale or _left_foreground(dev[0].conditions, now):
+            self._refresh(conn, device, s, now)
+            tally, heads = self._batch(conn, read)
+            held = tally[0][0]
+        free = s.max_concurrent_per_device - held
+        if free <= 0 or not heads:
+            return []
+        turns = {app: last for _, app, _, last in heads}
+        picked = policy.round_robin([(app, rid) for rid, app, _, _ in heads], turns, free)
+        token = {rid: t + 1 for rid, _, t, _ in heads}
+        app_of = {rid: app for rid, app, _, _ in heads}
+        served = {app_of[rid]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
+        self._batch(conn, [(_ADMIT, {"id": rid, "expires": now + s.dispatch_seconds, "now": now}) for rid in picked]
+                    + [(_TURN, {"device": device, "app": app, "at": at}) for app, at in served.items()],
+                    commit=True)
+        return [(rid, token[rid]) for rid in picked]
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> None:
         """What an admission pass does before it can admit, when there is something to do:

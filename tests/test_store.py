@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -25,14 +26,22 @@ def env(request: pytest.FixtureRequest, tmp_path) -> tuple[Store, Settings, Depl
         yield Store(s.store_url), s, dep
 
 
+def row(app: str, i: int, device: str, prefs: str = "NONE") -> dict:
+    r = BackgroundTransferRequest("http://127.0.0.1/x", download_location=f"/shared/transfers/{app}{i}")
+    return {"id": r.request_id, "device": device, "app_id": app, "method": "GET", "url": r.request_uri,
+            "headers": {}, "direction": "download", "local_path": r.download_location,
+            "preferences": prefs, "tag": None, "expected_sha256": None}
+
+
 def add(store: Store, s: Settings, app: str, n: int, device: str, prefs: str = "NONE") -> list[str]:
+    """Add ``n`` requests without the admission pass an add runs (its settings give it no slot),
+    so that the test's own ``promote`` calls are the ones that admit."""
+    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
     ids = []
     for i in range(n):
-        r = BackgroundTransferRequest("http://127.0.0.1/x", download_location=f"/shared/transfers/{app}{i}")
-        store.insert({"id": r.request_id, "device": device, "app_id": app, "method": "GET", "url": r.request_uri,
-                      "headers": {}, "direction": "download", "local_path": r.download_location,
-                      "preferences": prefs, "tag": None, "expected_sha256": None}, s)
-        ids.append(r.request_id)
+        r = row(app, i, device, prefs)
+        assert store.insert(r, no_slots) == []
+        ids.append(r["id"])
     return ids
 
 
@@ -171,3 +180,13 @@ def test_a_version_1_store_is_upgraded_in_place(env) -> None:
         names = {i["name"] for i in sa.inspect(conn).get_indexes("bgt_requests")}
     assert {"bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"} <= names
     assert [r for r, _ in upgraded.promote(dep.device, s)] == [rid]
+
+
+def test_an_add_admits_at_once_when_a_slot_is_free(env) -> None:
+    store, s, dep = env
+    first, second, third = (row("a", i, dep.device) for i in range(3))
+    [(rid, token)] = store.insert(first, s)  # its own pass, in its own transaction
+    assert rid == first["id"] and store.get(rid)["phase"] == "admitted"
+    assert [r for r, _ in store.insert(second, s)] == [second["id"]]
+    assert store.insert(third, s) == []  # the cap of 2 is reached: it waits
+    assert store.claim(rid, token, "w", s) is not None
