@@ -6,6 +6,7 @@ The same suite runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -123,3 +124,24 @@ def test_killed_worker_slot_is_reclaimed_without_exceeding_the_cap(deployment: D
     assert server.max_concurrent == 2
     resumed = [r for r in server.requests if r.range_start]
     assert len(resumed) == 2, "both interrupted transfers resumed from their bytes"
+
+
+@pytest.mark.parametrize("chain_seconds, messages", [("10", 1), ("0", 5)])
+def test_a_pool_process_runs_what_it_admits_without_a_message(
+        deployment: Deployment, server: FileServer, chain_seconds: str, messages: int) -> None:
+    """A transfer's end admits the next request; with chaining, the same process runs it at once
+    (one broker message for five transfers), without it each start is a message of its own."""
+    data = os.urandom(20_000)
+    for i in range(5):
+        server.put(f"/a/c{i}.bin", data)
+    deployment.env.update(BGTRANSFER_MAX_CONCURRENT_PER_DEVICE="1", BGTRANSFER_CHAIN_SECONDS=chain_seconds,
+                          BGTRANSFER_SWEEP_INTERVAL="60")  # the client's passes use the same cap
+    svc = deployment.service("a")
+    svc.set_conditions(network="none")
+    w = deployment.worker(concurrency=1)
+    reqs = [add(deployment, server, "a", f"c{i}.bin") for i in range(5)]
+    svc.set_conditions(network="wifi")  # admits one (the cap), and sends one message
+    for r in reqs:
+        deployment.wait_done("a", r.request_id)
+    assert all((deployment.sandbox("a") / f"c{i}.bin").read_bytes() == data for i in range(5))
+    assert len(re.findall(r"Task bgtransfer\.transfer\[[-0-9a-f]+\] received", w.text())) == messages
