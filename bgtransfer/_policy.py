@@ -2,7 +2,7 @@
 
 - ``check_request``: the add-time rules 1-4 and 6 that need nothing but the request (SPEC).
 - ``decide``: admission (rules 7-10) for one request under a device's conditions.
-- ``round_robin``: which admissible requests take the free slots (rule 11).
+- ``fair_share``: which admissible requests take the free slots (rule 11), by app weight.
 Caps that need counts (rule 5, rule 11's cap) are applied by the store inside one transaction.
 """
 
@@ -272,29 +272,46 @@ def min_rate(cond: Conditions, s: Settings) -> float:
     return s.min_rate_cellular if cond.network.startswith("cellular") else s.min_rate_wifi
 
 
-def round_robin(
-    admissible: Sequence[tuple[str, str]], last_served: Mapping[str, float], free: int
-) -> list[str]:
-    """Pick up to ``free`` request ids: arrival order within an app, least recently served app first.
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """What ``fair_share`` picked, and the clocks to remember for the next pass."""
 
-    ``admissible`` is (app_id, request_id) in arrival order; ``last_served`` maps an app to when
-    it last got a slot (absent: never).
+    picked: list[str]
+    clocks: dict[str, float]  # the served apps' new clocks
+    now: float  # the device's virtual time after these picks
+
+
+def fair_share(
+    admissible: Sequence[tuple[str, str]], clocks: Mapping[str, float], free: int,
+    weights: Mapping[str, float] | None = None, now: float = 0.0,
+) -> Share:
+    """Pick up to ``free`` request ids: arrival order within an app, and across apps the one
+    with the lowest virtual clock (ties: the earliest head), each pick moving that app's clock
+    on by 1/weight (stride scheduling; weight 1 for an app not named). With equal weights this
+    is round-robin; with weights 3:1 and both apps backlogged, starts split 3:1.
+
+    ``admissible`` is (app_id, request_id) in arrival order; ``clocks`` maps an app to its clock
+    (absent: 0); ``now`` is the device's virtual time, the clock of its latest pick. An app's
+    clock never counts below ``now``, so an app back from idle gets its next turn soon but no
+    burst of turns saved up while it was away.
     """
+    weights = weights or {}
     queues: dict[str, list[str]] = {}
     for app, rid in admissible:
         queues.setdefault(app, []).append(rid)
-    served = {app: last_served.get(app, 0.0) for app in queues}
+    clock = {app: max(clocks.get(app, 0.0), now) for app in queues}
     first_seen = {app: i for i, app in enumerate(queues)}
     picked: list[str] = []
-    tick = max(served.values(), default=0)
+    served: set[str] = set()
     while len(picked) < free and queues:
-        app = min(queues, key=lambda a: (served[a], first_seen[a]))
+        app = min(queues, key=lambda a: (clock[a], first_seen[a]))
         picked.append(queues[app].pop(0))
-        tick += 1
-        served[app] = tick
+        served.add(app)
+        now = clock[app]
+        clock[app] += 1.0 / weights.get(app, 1.0)
         if not queues[app]:
             del queues[app]
-    return picked
+    return Share(picked, {app: clock[app] for app in served}, now)
 
 
 def backoff(attempt: int, s: Settings, retry_after: float | None = None) -> float:

@@ -7,6 +7,7 @@ same code runs from a laptop (embedded defaults) to many hosts (env set by deplo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Settings:
     max_upload_bytes: int = 100 * MB
     # admission (rules 8-11)
     max_concurrent_per_device: int = 2
+    # fair share of the slots across apps, as "app=weight,app=weight" (unnamed apps weigh 1)
+    app_weights: str = ""
     max_upload_cellular_bytes: int = 5 * MB
     max_upload_battery_bytes: int = 20 * MB
     max_download_cellular_bytes: int = 20 * MB
@@ -67,6 +70,24 @@ class Settings:
     # Celery task events (what Flower and celery-exporter read): four more broker messages per
     # transfer, so off unless asked for, as in Celery itself
     task_events: bool = False
+
+    def __post_init__(self) -> None:
+        self.weights  # noqa: B018 - a bad app_weights is refused when the settings are made
+
+    @functools.cached_property
+    def weights(self) -> dict[str, float]:
+        """``app_weights`` parsed: {app: weight > 0}."""
+        weights: dict[str, float] = {}
+        for item in filter(None, (part.strip() for part in self.app_weights.split(","))):
+            app, sep, raw = item.partition("=")
+            try:
+                weight = float(raw) if sep and app.strip() else 0.0
+            except ValueError:
+                weight = 0.0
+            if not weight > 0 or weight == float("inf"):
+                raise ValueError(f"app_weights: {item!r} is not app=weight with a weight above 0")
+            weights[app.strip()] = weight
+        return weights
 
     @property
     def root(self) -> Path:

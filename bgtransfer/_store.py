@@ -93,11 +93,11 @@ devices = sa.Table(
     sa.Column("conditions", sa.JSON, nullable=False),
     sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
 )
-app_turns = sa.Table(  # round-robin memory: when each app last got a slot on a device (0: never)
-    "bgt_app_turns", meta,
+app_turns = sa.Table(  # fair-share memory: each app's virtual clock on a device (policy.fair_share);
+    "bgt_app_turns", meta,  # the row of app '' (no app's id) holds the device's virtual time
     sa.Column("device", sa.String(64), primary_key=True),
     sa.Column("app_id", sa.String(63), primary_key=True),
-    sa.Column("last_admit_at", sa.Float, nullable=False),
+    sa.Column("clock", sa.Float, nullable=False),
 )
 counters = sa.Table(  # device-wide counters for the metrics: admission verdicts, lease reclaims
     "bgt_counters", meta,
@@ -145,13 +145,14 @@ _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index ran
 # PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN list per app the
 # same way (PostgreSQL would instead test that list against every queued row).
 _QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
+_NOW = "(SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = '') AS vnow"
 _HEADS = {
     "postgresql": sa.text(
-        "SELECT r.id, t.app_id, r.lease_token, t.last_admit_at FROM bgt_app_turns t CROSS JOIN LATERAL ("
+        f"SELECT r.id, t.app_id, r.lease_token, t.clock, {_NOW} FROM bgt_app_turns t CROSS JOIN LATERAL ("
         f" SELECT id, lease_token, seq FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
         " ORDER BY seq LIMIT :free) r WHERE t.device = :device ORDER BY r.seq"),
     "sqlite": sa.text(
-        "SELECT r.id, t.app_id, r.lease_token, t.last_admit_at FROM bgt_app_turns t JOIN bgt_requests r ON r.id IN ("
+        f"SELECT r.id, t.app_id, r.lease_token, t.clock, {_NOW} FROM bgt_app_turns t JOIN bgt_requests r ON r.id IN ("
         f" SELECT id FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
         " ORDER BY seq LIMIT :free) WHERE t.device = :device ORDER BY r.seq"),
 }
@@ -159,14 +160,14 @@ _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
 _TURN = sa.text(
-    "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, :at) "
-    "ON CONFLICT (device, app_id) DO UPDATE SET last_admit_at = excluded.last_admit_at")
+    "INSERT INTO bgt_app_turns (device, app_id, clock) VALUES (:device, :app, :clock) "
+    "ON CONFLICT (device, app_id) DO UPDATE SET clock = excluded.clock")
 _NEXT_SEQ = sa.text("UPDATE bgt_devices SET next_seq = :seq WHERE name = :device")
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
     sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
 _FIRST_TURN = sa.text(  # an app's first request on a device makes it one of the device's apps
-    "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) VALUES (:device, :app, 0) "
+    "INSERT INTO bgt_app_turns (device, app_id, clock) VALUES (:device, :app, 0) "
     "ON CONFLICT (device, app_id) DO NOTHING")
 _COUNT = sa.text(
     "INSERT INTO bgt_counters (device, metric, decision, reason, value) VALUES (:device, :metric, :decision, "
@@ -412,15 +413,15 @@ class Store:
         free = s.max_concurrent_per_device - held
         if free <= 0 or not heads:
             return []
-        turns = {app: last for _, app, _, last in heads}
-        picked = policy.round_robin([(app, rid) for rid, app, _, _ in heads], turns, free)
-        token = {rid: t + 1 for rid, _, t, _ in heads}
-        app_of = {rid: app for rid, app, _, _ in heads}
-        served = {app_of[rid]: now + i * 1e-6 for i, rid in enumerate(picked)}  # later picks, later turns
-        self._batch(conn, [(_ADMIT, {"id": rid, "expires": now + s.dispatch_seconds, "now": now}) for rid in picked]
-                    + [(_TURN, {"device": device, "app": app, "at": at}) for app, at in served.items()],
+        share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
+                                  s.weights, heads[0].vnow or 0.0)
+        token = {h.id: h.lease_token + 1 for h in heads}
+        clocks = {**share.clocks, "": share.now}
+        expires = now + s.dispatch_seconds
+        self._batch(conn, [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
+                    + [(_TURN, {"device": device, "app": app, "clock": c}) for app, c in clocks.items()],
                     commit=True)
-        return [(rid, token[rid]) for rid in picked]
+        return [(rid, token[rid]) for rid in share.picked]
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> None:
         """What an admission pass does before it can admit, when there is something to do:
@@ -586,12 +587,16 @@ def _create_v1(conn: Connection) -> None:
 
 
 def _admission_indexes_v2(conn: Connection) -> None:
-    """Partial indexes for the admission pass; every app with requests gets its turn row."""
+    """Partial indexes for the admission pass; fair-share clocks; every app with requests gets its row."""
     conn.exec_driver_sql("DROP INDEX IF EXISTS bgt_requests_admissible")
     for index in requests.indexes:
         index.create(conn, checkfirst=True)
+    if "last_admit_at" in {c["name"] for c in sa.inspect(conn).get_columns("bgt_app_turns")}:
+        # version 1 kept when each app was last served; fair share keeps a virtual clock, from 0
+        conn.exec_driver_sql("ALTER TABLE bgt_app_turns RENAME COLUMN last_admit_at TO clock")
+        conn.exec_driver_sql("UPDATE bgt_app_turns SET clock = 0")
     conn.exec_driver_sql(
-        "INSERT INTO bgt_app_turns (device, app_id, last_admit_at) SELECT DISTINCT device, app_id, 0 "
+        "INSERT INTO bgt_app_turns (device, app_id, clock) SELECT DISTINCT device, app_id, 0 "
         "FROM bgt_requests WHERE true ON CONFLICT (device, app_id) DO NOTHING")
     if conn.dialect.name == "postgresql":  # fresh statistics soon after a burst of adds keep the plans right
         conn.exec_driver_sql("ALTER TABLE bgt_requests SET (autovacuum_analyze_scale_factor = 0.02, "

@@ -145,3 +145,25 @@ def test_a_pool_process_runs_what_it_admits_without_a_message(
         deployment.wait_done("a", r.request_id)
     assert all((deployment.sandbox("a") / f"c{i}.bin").read_bytes() == data for i in range(5))
     assert len(re.findall(r"Task bgtransfer\.transfer\[[-0-9a-f]+\] received", w.text())) == messages
+
+
+def test_weighted_fair_share_splits_starts_by_weight(deployment: Deployment, server: FileServer) -> None:
+    """Weights a=3, b=1 (a setting every process of the device shares), both apps backlogged:
+    of the first 20 starts about 15 are a's, and b is never starved."""
+    data = os.urandom(30_000)
+    for app in ("a", "b"):
+        for i in range(20):
+            server.put(f"/{app}/{i}.bin", data)
+            server.behave(f"/{app}/{i}.bin", rate=600_000)
+    deployment.env.update(BGTRANSFER_APP_WEIGHTS="a=3,b=1", BGTRANSFER_MAX_OUTSTANDING_PER_APP="30")
+    svc = deployment.service("a")
+    svc.set_conditions(network="none")
+    reqs = {app: [add(deployment, server, app, f"{i}.bin") for i in range(20)] for app in ("b", "a")}
+    deployment.worker(concurrency=2)
+    svc.set_conditions(network="wifi")
+    for app, rs in reqs.items():
+        for r in rs:
+            assert deployment.wait_done(app, r.request_id, 120).transfer_error is None
+    starts = [r.path.split("/")[1] for r in sorted(server.requests, key=lambda r: r.started)]
+    assert 14 <= starts[:20].count("a") <= 16, starts
+    assert "b" in starts[:4], starts  # its first turn comes at once

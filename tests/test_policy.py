@@ -250,14 +250,38 @@ def test_invalid_conditions_name_the_field() -> None:
         Conditions(power="solar")  # type: ignore[arg-type]
 
 
-def test_round_robin_across_apps_in_arrival_order_within() -> None:
+def picks(queue, clocks, free, weights=None, now=0.0) -> list[str]:
+    return policy.fair_share(queue, clocks, free, weights, now).picked
+
+
+def test_fair_share_is_round_robin_across_apps_in_arrival_order_within() -> None:
     queue = [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2")]
-    assert policy.round_robin(queue, {}, 10) == ["a1", "b1", "c1", "a2", "b2", "a3"]
-    assert policy.round_robin(queue, {}, 2) == ["a1", "b1"]
-    # remembered turns: a and b were served last, so c goes first
-    assert policy.round_robin(queue, {"a": 5, "b": 6}, 3) == ["c1", "a1", "b1"]
-    assert policy.round_robin([], {}, 3) == []
-    assert policy.round_robin(queue, {}, 0) == []
+    assert picks(queue, {}, 10) == ["a1", "b1", "c1", "a2", "b2", "a3"]
+    assert picks(queue, {}, 2) == ["a1", "b1"]
+    # remembered clocks: a and b were served, c never was, so c goes first
+    assert picks(queue, {"a": 5, "b": 5.5}, 3) == ["c1", "a1", "b1"]
+    assert picks([], {}, 3) == []
+    assert picks(queue, {}, 0) == []
+
+
+def test_fair_share_by_weight_over_many_passes() -> None:
+    """Weights 3:1, both apps always backlogged, two slots per pass: starts split 3:1."""
+    clocks: dict[str, float] = {}
+    now, started = 0.0, {"a": 0, "b": 0}
+    for n in range(50):
+        queue = [("b", f"b{n}-{i}") for i in range(3)] + [("a", f"a{n}-{i}") for i in range(3)]
+        share = policy.fair_share(queue, clocks, 2, {"a": 3, "b": 1}, now)
+        clocks, now = {**clocks, **share.clocks}, share.now
+        for rid in share.picked:
+            started[rid[0]] += 1
+    assert started == {"a": 75, "b": 25}
+
+
+def test_fair_share_gives_an_app_back_from_idle_no_burst() -> None:
+    # b was away while a's clock ran to 100: b's old clock counts as the device's time now
+    share = policy.fair_share([("a", "a1"), ("a", "a2"), ("b", "b1"), ("b", "b2")], {"a": 100, "b": 3}, 4, now=99.5)
+    assert share.picked == ["b1", "a1", "b2", "a2"]  # alternating, not b twice first
+    assert share.clocks == {"a": 102, "b": 101.5} and share.now == 101
 
 
 def test_backoff_grows_caps_and_honours_retry_after() -> None:

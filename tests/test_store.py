@@ -165,20 +165,24 @@ def test_a_pass_notices_an_app_leaving_the_foreground(env) -> None:
 
 
 def test_a_version_1_store_is_upgraded_in_place(env) -> None:
-    """A store made by version 1 (no partial indexes, turn rows only for apps already served)
-    gets both at the next start, and its queued requests are admitted as before."""
+    """A store made by version 1 (no partial indexes; each app's last admission time, kept only for
+    apps already served) gets indexes and fair-share clocks at the next start, and admits as before."""
     store, s, dep = env
     (rid,) = add(store, s, "a", 1, dep.device)
     with store.tx() as conn:
         for name in ("bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"):
             conn.exec_driver_sql(f"DROP INDEX {name}")
         conn.exec_driver_sql("DELETE FROM bgt_app_turns")
+        conn.exec_driver_sql("ALTER TABLE bgt_app_turns RENAME COLUMN clock TO last_admit_at")
+        conn.exec_driver_sql(f"INSERT INTO bgt_app_turns VALUES ('{dep.device}', 'z', {time.time()})")
         conn.execute(schema.delete().where(schema.c.version == 2))
     upgraded = Store(s.store_url)
     with upgraded.tx() as conn:
         assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2]
         names = {i["name"] for i in sa.inspect(conn).get_indexes("bgt_requests")}
+        clocks = dict(conn.exec_driver_sql("SELECT app_id, clock FROM bgt_app_turns").all())
     assert {"bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"} <= names
+    assert clocks == {"z": 0, "a": 0}  # wall times are no clocks: everyone starts level
     assert [r for r, _ in upgraded.promote(dep.device, s)] == [rid]
 
 
