@@ -7,7 +7,6 @@ same code runs from a laptop (embedded defaults) to many hosts (env set by deplo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 
@@ -74,7 +73,7 @@ class Settings:
     def __post_init__(self) -> None:
         self.weights  # noqa: B018 - a bad app_weights is refused when the settings are made
 
-    @functools.cached_property
+    @property
     def weights(self) -> dict[str, float]:
         """``app_weights`` parsed: {app: weight > 0}."""
         weights: dict[str, float] = {}
