@@ -98,6 +98,10 @@ class Lease(Protocol):
         total), extend the lease, and return the app's control ('pause'/'cancel') if any; raise
         LeaseLost if the attempt no longer owns it."""
 
+    def max_rate(self) -> float:
+        """The bytes per second this attempt may move now (0: no limit); it may change at every
+        renewal, as other transfers start and end under a shared limit."""
+
 
 def _retry_after(value: str | None) -> float | None:
     if not value:
@@ -190,6 +194,8 @@ class _Attempt:
         self.lease_deadline = self.started + s.lease_seconds
         self.samples: deque[tuple[float, int]] = deque([(self.started, 0)])
         self.progress_fields: Callable[[int, int], dict[str, int]] = lambda down, up: {}
+        self.rate = lease.max_rate()  # bytes/s this attempt may move (0: no limit)
+        self.rate_since, self.rate_bytes = self.started, 0  # since when, and how much, at this rate
 
     def stop(self, kind: Kind, why: str) -> int:
         self.abort = (kind, why)
@@ -204,6 +210,8 @@ class _Attempt:
         try:
             control = self.lease.renew(moved, **self.progress_fields(dlnow, ulnow))
             self.lease_deadline = now + self.s.lease_seconds
+            if self.lease.max_rate() != self.rate:  # others started or ended under a shared limit
+                self.rate, self.rate_since, self.rate_bytes = self.lease.max_rate(), now, 0
         except LeaseLost:
             return self.stop("lost", "lease lost")
         except Exception as exc:  # a store outage: go on until our own lease would run out
@@ -215,6 +223,18 @@ class _Attempt:
         if control == "pause":
             return self.stop("paused", "paused by the app")
         return self._check_rate(now, moved)
+
+    def throttle(self, n: int) -> None:
+        """Count ``n`` bytes moved and hold the transfer while it is ahead of its rate: libcurl
+        waits for its callback, and TCP pushes back on the other end."""
+        self.rate_bytes += n
+        ahead = self.rate_bytes / self.rate - (time.monotonic() - self.rate_since)
+        if ahead > 0:
+            time.sleep(min(ahead, self.s.progress_interval))  # never so long that renewals lapse
+
+    def buffer_size(self, most: int) -> int:
+        """libcurl's buffer: under a rate limit about 1/8 s of bytes, so a throttle keeps up."""
+        return min(most, max(16 * 1024, int(self.rate / 8))) if self.rate else most
 
     def _check_rate(self, now: float, moved: int) -> int:
         window, floor = self.limits.window, self.limits.min_rate
@@ -272,8 +292,8 @@ def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pyc
     c.setopt(pycurl.FOLLOWLOCATION, 1)
     c.setopt(pycurl.MAXREDIRS, s.max_redirects)
     c.setopt(pycurl.CONNECTTIMEOUT_MS, int(s.connect_timeout * 1000))
-    c.setopt(pycurl.BUFFERSIZE, s.buffer_size)
-    c.setopt(pycurl.UPLOAD_BUFFERSIZE, min(s.buffer_size, 2 * 1024 * 1024))
+    c.setopt(pycurl.BUFFERSIZE, att.buffer_size(s.buffer_size))
+    c.setopt(pycurl.UPLOAD_BUFFERSIZE, att.buffer_size(min(s.buffer_size, 2 * 1024 * 1024)))
     c.setopt(pycurl.NOPROGRESS, 0)
     c.setopt(pycurl.XFERINFOFUNCTION, att.progress)
     c.setopt(pycurl.HEADERFUNCTION, att.resp.line)
@@ -425,6 +445,8 @@ class _Download:
             self.att.stop("retry", f"local file error: {exc.strerror}")
             return 0
         self.pos += n
+        if self.att.rate:
+            self.att.throttle(n)
         if self.pos > self.cap:  # rule 9 on the stream itself, for servers that sent no length
             self.att.stop("requeue", f"more than {self.cap} bytes: too large for the current conditions")
             return 0
@@ -514,6 +536,11 @@ class _Body:
         return out
 
 
+def _throttled(att: _Attempt, data: bytes) -> bytes:
+    att.throttle(len(data))
+    return data
+
+
 def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
     """One attempt at a POST upload, streamed from the sandbox file (restarts from zero)."""
     with parent_dir(s, job.app_id, job.parts, create=False) as dfd:
@@ -528,7 +555,7 @@ def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
         given = any(k.lower() == "content-type" for k in job.headers) and job.form_fields is None
         c = _curl(job, att, s, ["Expect:"] + ([] if given else [f"Content-Type: {body.content_type}"]))
         c.setopt(pycurl.POST, 1)
-        c.setopt(pycurl.READFUNCTION, body.read)
+        c.setopt(pycurl.READFUNCTION, body.read if not att.rate else lambda n: _throttled(att, body.read(n)))
         c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
         c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
         try:

@@ -267,6 +267,13 @@ def size_cap(direction: str, cond: Conditions, s: Settings) -> int | None:
     return s.max_download_battery_bytes if on_battery else None
 
 
+def rate_share(s: Settings, on_device: int, of_app: int) -> float:
+    """Bytes per second one transfer may move (0: no limit): the tightest of the per-transfer
+    limit and an even share of the app's and the device's limits among their running transfers."""
+    shares = [s.max_rate_per_transfer, s.max_rate_per_app / max(of_app, 1), s.max_rate_per_device / max(on_device, 1)]
+    return min((r for r in shares if r > 0), default=0.0)
+
+
 def min_rate(cond: Conditions, s: Settings) -> float:
     """Bytes per second below which a transfer is paused (rule 12)."""
     return s.min_rate_cellular if cond.network.startswith("cellular") else s.min_rate_wifi

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
@@ -103,7 +104,15 @@ def partial_name(parts: tuple[str, ...], request_id: str) -> str:
 
 def delete_partial(settings: Settings, app_id: str, parts: tuple[str, ...], request_id: str) -> None:
     """Delete a download's partial file if it can be reached without following a link (a path
-    swapped for a symlink leads nowhere we may delete)."""
-    with contextlib.suppress(FileNotFoundError, TransferError), \
+    swapped for a symlink leads nowhere we may delete), and unless an attempt is writing it
+    (it holds the file's lock: a newer attempt of the same request, after a lease was lost).
+    Best effort: a file that cannot be deleted is left, and the next attempt truncates it."""
+    name = partial_name(parts, request_id)
+    with contextlib.suppress(OSError, TransferError), \
             parent_dir(settings, app_id, parts, create=False) as dfd:
-        os.unlink(partial_name(parts, request_id), dir_fd=dfd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(fd)

@@ -56,6 +56,11 @@ class Settings:
     max_attempts: int = 20
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
+    # bandwidth limits in bytes per second (0: none); the app's and the device's are shared
+    # evenly by their running transfers on every host, recounted at every progress renewal
+    max_rate_per_transfer: float = 0.0
+    max_rate_per_app: float = 0.0
+    max_rate_per_device: float = 0.0
     # transport
     buffer_size: int = 1024 * 1024
     connect_timeout: float = 30.0

@@ -490,6 +490,11 @@ class Store:
             dev = conn.execute(_DEVICE, {"device": res["device"]}).mappings().one()
             return {**res, "conditions": _conditions(dev["conditions"], now)}
 
+    def running(self, device: str, app_id: str) -> tuple[int, int]:
+        """How many transfers run now on ``device``, and how many of them are ``app_id``'s."""
+        with self.tx() as conn:
+            return tuple(conn.execute(_RUNNING_COUNTS, {"device": device, "app": app_id}).one())  # type: ignore[return-value]
+
     def heartbeat(self, request_id: str, token: int, lease_seconds: float, **fields: Any) -> str | None:
         """Renew the lease and record progress; returns the app's control ('pause'/'cancel')."""
         now = time.time()
@@ -528,6 +533,9 @@ _CLAIM = (
     .returning(*requests.c)
 )
 _RUNNING = sa.select(requests).where(_FENCE, requests.c.phase == "running")
+_RUNNING_COUNTS = sa.text(
+    "SELECT (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running'),"
+    " (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running' AND app_id = :app)")
 
 
 @functools.cache

@@ -29,8 +29,10 @@ class StoreLease:
 
     def __init__(self, store: Store, row: dict[str, Any], token: int, s: Settings) -> None:
         self.store, self.request_id, self.token, self.s = store, row["id"], token, s
+        self.device, self.app_id = row["device"], row["app_id"]
         self.bytes = _metrics.BYTES.labels(row["device"], row["app_id"], row["direction"])
         self.counted = 0
+        self.rate = self._share()
 
     def count(self, moved: int) -> None:
         if moved > self.counted:
@@ -39,7 +41,19 @@ class StoreLease:
 
     def renew(self, moved: int, **fields: Any) -> str | None:
         self.count(moved)
-        return self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, **fields)
+        control = self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, **fields)
+        self.rate = self._share()
+        return control
+
+    def max_rate(self) -> float:
+        return self.rate
+
+    def _share(self) -> float:
+        """This transfer's share of the bandwidth limits, from how many run now on every host."""
+        s = self.s
+        if not (s.max_rate_per_app or s.max_rate_per_device):
+            return s.max_rate_per_transfer  # no count needed
+        return policy.rate_share(s, *self.store.running(self.device, self.app_id))
 
 
 def job_from_row(row: dict[str, Any]) -> engine.Job:
@@ -75,21 +89,31 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         log.exception("request %s: attempt crashed", request_id)
         out = engine.Outcome("retry", f"internal error: {exc!r}")
     lease.count(out.moved)
+    kind, error = final_kind(row, out, s)
+    if kind in ("failed", "cancelled") and row["direction"] == "download":
+        # before the outcome is visible: no one may see a failed request with its partial file
+        delete_partial(s, job.app_id, job.parts, request_id)
     try:
-        final = record_outcome(store, s, row, token, out)
+        record_outcome(store, s, row, token, out, kind, error)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
         return out
-    _metrics.observe(row, final, out, time.monotonic() - started, time.time())
-    if final in ("failed", "cancelled") and row["direction"] == "download":
-        delete_partial(s, job.app_id, job.parts, request_id)
+    _metrics.observe(row, kind, out, time.monotonic() - started, time.time())
     return out
 
 
-def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome) -> str:
-    """Turn an attempt's outcome into the request's next state, give the slot back; the final kind."""
-    if out.kind == "lost":
-        return "lost"
+def final_kind(row: dict[str, Any], out: engine.Outcome, s: Settings) -> tuple[str, str | None]:
+    """The attempt's outcome as the request will take it: a retry past the budget is a failure."""
+    if out.kind in ("retry", "slow") and row["attempts"] >= s.max_attempts:
+        return "failed", f"gave up after {row['attempts']} attempts: {out.error}"
+    return out.kind, out.error
+
+
+def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome,
+                   kind: str, error: str | None) -> None:
+    """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot back."""
+    if kind == "lost":
+        return
     now = time.time()
     down = row["direction"] == "download"
     fields: dict[str, Any] = {"status_code": out.status_code}
@@ -100,9 +124,6 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
         fields["validator"] = out.validator
     if out.degraded:
         fields["degraded"] = out.degraded
-    kind, error = out.kind, out.error
-    if kind in ("retry", "slow") and row["attempts"] >= s.max_attempts:
-        kind, error = "failed", f"gave up after {row['attempts']} attempts: {error}"
     if kind in ("completed", "failed"):
         fields.update(phase="done", status=TransferStatus.COMPLETED.value, error=error, wait_reason=None,
                       completed_at=now)
@@ -119,4 +140,3 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
     # "cancelled": the row is marked removed; finish() deletes it
     store.finish(row["id"], token, **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")
-    return kind

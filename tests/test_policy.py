@@ -304,3 +304,16 @@ def test_form_fields_are_checked() -> None:
         policy.check_request(req(form_fields={"a": "1"}), S)
     with pytest.raises(NotSupportedError, match="Content-Type"):
         policy.check_request(up(form_fields={}, headers={"content-type": "x"}), S)
+
+
+@pytest.mark.parametrize("limits, on_device, of_app, share", [
+    ({}, 3, 1, 0.0),  # no limit at all
+    ({"max_rate_per_transfer": 500}, 3, 1, 500),
+    ({"max_rate_per_device": 1000}, 4, 2, 250),  # an even share of the device's
+    ({"max_rate_per_app": 1000}, 4, 2, 500),  # ... or of the app's, among its own
+    ({"max_rate_per_app": 1000, "max_rate_per_device": 1000}, 2, 1, 500),  # the tightest wins
+    ({"max_rate_per_transfer": 100, "max_rate_per_device": 1000}, 2, 2, 100),
+    ({"max_rate_per_device": 1000}, 0, 0, 1000),  # counted before it runs: a share of one
+])
+def test_rate_share(limits: dict, on_device: int, of_app: int, share: float) -> None:
+    assert policy.rate_share(Settings(data_root="/x", **limits), on_device, of_app) == share

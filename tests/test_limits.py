@@ -1,0 +1,64 @@
+"""Bandwidth limits held across real worker processes.
+
+The rate is measured on the client side (bytes delivered over the time from the first add to
+the last completion): the server's own timings would show its socket buffers filling, not the
+limit. Only the upper side is asserted, as a limit is a ceiling; the floor is loose.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from bgtransfer import BackgroundTransferRequest
+from tests.conftest import Deployment, wait_for
+from tests.httpserver import FileServer
+
+MB = 1_000_000
+
+
+def download_all(dep: Deployment, server: FileServer, paths: list[str], size: int) -> tuple[float, int]:
+    """Add a download per path, wait for all; (bytes per second overall, most running at once)."""
+    svc = dep.service("app")
+    reqs = [BackgroundTransferRequest(server.url(p), download_location=f"/shared/transfers{p}") for p in paths]
+    started = time.monotonic()
+    for r in reqs:
+        svc.add(r)
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        most = max(most, svc.store.running(dep.device, "app")[0])
+        return all(svc.find(r.request_id).transfer_status.value == "COMPLETED" for r in reqs)
+
+    wait_for(done, 120, 0.1, "the downloads")
+    elapsed = time.monotonic() - started
+    for r in reqs:
+        assert svc.find(r.request_id).transfer_error is None
+    return size * len(paths) / elapsed, most
+
+
+def test_a_device_limit_holds_across_workers(deployment: Deployment, server: FileServer) -> None:
+    """2 MB/s for the device, two workers, four downloads at once: about 2 MB/s in all, not 8."""
+    data = os.urandom(3 * MB)
+    paths = [f"/r{i}.bin" for i in range(4)]
+    for p in paths:
+        server.put(p, data)
+    deployment.env.update(BGTRANSFER_MAX_RATE_PER_DEVICE=str(2 * MB), BGTRANSFER_MAX_CONCURRENT_PER_DEVICE="4")
+    deployment.worker(concurrency=2)
+    deployment.worker(concurrency=2)
+    rate, most = download_all(deployment, server, paths, len(data))
+    for p in paths:
+        assert (deployment.sandbox("app") / p[1:]).read_bytes() == data
+    assert most == 4  # shared by four at once, across both workers
+    assert 0.5 * MB < rate < 1.3 * 2 * MB, rate  # unlimited, this server sends hundreds of MB/s
+
+
+def test_a_transfer_limit_holds_for_one_download(deployment: Deployment, server: FileServer) -> None:
+    data = os.urandom(2 * MB)
+    server.put("/one.bin", data)
+    deployment.env.update(BGTRANSFER_MAX_RATE_PER_TRANSFER=str(MB))
+    deployment.worker(concurrency=1)
+    rate, _ = download_all(deployment, server, ["/one.bin"], len(data))
+    assert (deployment.sandbox("app") / "one.bin").read_bytes() == data
+    assert 0.3 * MB < rate < 1.3 * MB, rate
