@@ -109,6 +109,8 @@ class StoreCollector:
                     requests.c.device == device, requests.c.phase.in_(("admitted", "running")))).scalar()
                 counts = conn.execute(sa.select(counters.c.metric, counters.c.decision, counters.c.reason,
                                                 counters.c.value).where(counters.c.device == device)).all()
+            with pass_lock:
+                day = store_for(s).day_usage(device) if s.quotas else {}
         except sa.exc.SQLAlchemyError:  # the store is down: say so, and keep the workers' own series
             yield _gauge("bgtransfer_store_up", "1 if the state store answered this scrape.", device, 0)
             return
@@ -136,6 +138,16 @@ class StoreCollector:
         reclaims.add_metric([device], reclaimed)
         yield decisions
         yield reclaims
+        if s.quotas:  # quota use: bytes in the rolling day against each app's quota
+            used = GaugeMetricFamily("bgtransfer_app_daily_bytes", "Bytes an app moved in the last 24 hours "
+                                     "(counted for its quota).", labels=["device", "app"])
+            quota = GaugeMetricFamily("bgtransfer_app_daily_quota_bytes", "An app's byte quota for a rolling "
+                                      "day.", labels=["device", "app"])
+            for app in sorted({*day, *s.daily_quotas}):
+                used.add_metric([device, app], day.get(app, 0))
+                quota.add_metric([device, app], s.daily_quota(app))
+            yield used
+            yield quota
 
 
 def _gauge(name: str, doc: str, device: str, value: float) -> GaugeMetricFamily:

@@ -267,6 +267,16 @@ def size_cap(direction: str, cond: Conditions, s: Settings) -> int | None:
     return s.max_download_battery_bytes if on_battery else None
 
 
+def over_quota(day_usage: Mapping[str, int], s: Settings) -> dict[str, str]:
+    """The apps that moved their rolling day's quota of bytes, each with its ``wait_reason``."""
+    over = {}
+    for app, used in day_usage.items():
+        quota = s.daily_quota(app)
+        if quota and used >= quota:
+            over[app] = f"daily byte quota of {int(quota)} bytes used"
+    return over
+
+
 def rate_share(s: Settings, on_device: int, of_app: int) -> float:
     """Bytes per second one transfer may move (0: no limit): the tightest of the per-transfer
     limit and an even share of the app's and the device's limits among their running transfers."""

@@ -37,6 +37,10 @@ class Settings:
     max_concurrent_per_device: int = 2
     # fair share of the slots across apps, as "app=weight,app=weight" (unnamed apps weigh 1)
     app_weights: str = ""
+    # byte quotas over a rolling day: every app's, and some apps' own as "app=bytes,..." (0: none);
+    # an app over its quota waits; a transfer already running finishes
+    max_daily_bytes_per_app: int = 0
+    app_daily_bytes: str = ""
     max_upload_cellular_bytes: int = 5 * MB
     max_upload_battery_bytes: int = 20 * MB
     max_download_cellular_bytes: int = 20 * MB
@@ -76,22 +80,25 @@ class Settings:
     task_events: bool = False
 
     def __post_init__(self) -> None:
-        self.weights  # noqa: B018 - a bad app_weights is refused when the settings are made
+        self.weights, self.daily_quotas  # noqa: B018 - bad values are refused when the settings are made
 
     @property
     def weights(self) -> dict[str, float]:
         """``app_weights`` parsed: {app: weight > 0}."""
-        weights: dict[str, float] = {}
-        for item in filter(None, (part.strip() for part in self.app_weights.split(","))):
-            app, sep, raw = item.partition("=")
-            try:
-                weight = float(raw) if sep and app.strip() else 0.0
-            except ValueError:
-                weight = 0.0
-            if not weight > 0 or weight == float("inf"):
-                raise ValueError(f"app_weights: {item!r} is not app=weight with a weight above 0")
-            weights[app.strip()] = weight
-        return weights
+        return _per_app(self.app_weights, "app_weights")
+
+    @property
+    def daily_quotas(self) -> dict[str, float]:
+        """``app_daily_bytes`` parsed: {app: bytes > 0}."""
+        return _per_app(self.app_daily_bytes, "app_daily_bytes")
+
+    def daily_quota(self, app_id: str) -> float:
+        """The bytes ``app_id`` may move in a rolling day (0: no quota)."""
+        return self.daily_quotas.get(app_id, self.max_daily_bytes_per_app)
+
+    @property
+    def quotas(self) -> bool:
+        return bool(self.max_daily_bytes_per_app or self.app_daily_bytes)
 
     @property
     def root(self) -> Path:
@@ -104,6 +111,21 @@ class Settings:
     @property
     def queue(self) -> str:
         return queue_name(self.device)
+
+
+def _per_app(raw: str, name: str) -> dict[str, float]:
+    """An "app=number,app=number" setting as {app: number}; every number above 0."""
+    values: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        app, sep, number = item.partition("=")
+        try:
+            value = float(number) if sep and app.strip() else 0.0
+        except ValueError:
+            value = 0.0
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name}: {item!r} is not app=number with a number above 0")
+        values[app.strip()] = value
+    return values
 
 
 def queue_name(device: str) -> str:

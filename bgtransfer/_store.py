@@ -107,6 +107,13 @@ counters = sa.Table(  # device-wide counters for the metrics: admission verdicts
     sa.Column("reason", sa.String(128), primary_key=True),
     sa.Column("value", sa.BigInteger, nullable=False),
 )
+usage = sa.Table(  # bytes moved per app and hour, for the rolling-day quotas (the last 24 hours)
+    "bgt_usage", meta,
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("app_id", sa.String(63), primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),  # unix time // 3600
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+)
 schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
 
 ACTIVE = ("admitted", "running")
@@ -162,6 +169,15 @@ _ADMIT = sa.text(
 _TURN = sa.text(
     "INSERT INTO bgt_app_turns (device, app_id, clock) VALUES (:device, :app, :clock) "
     "ON CONFLICT (device, app_id) DO UPDATE SET clock = excluded.clock")
+_USED = sa.text(
+    "INSERT INTO bgt_usage (device, app_id, hour, bytes) VALUES (:device, :app, :hour, :n) "
+    "ON CONFLICT (device, app_id, hour) DO UPDATE SET bytes = bgt_usage.bytes + :n")
+_DAY_USAGE = sa.text(
+    "SELECT app_id, sum(bytes) FROM bgt_usage WHERE device = :device AND hour > :hour - 24 GROUP BY app_id")
+_QUOTA_WAIT = sa.text(  # shown on what an app over its quota has waiting (once: the status sticks)
+    "UPDATE bgt_requests SET status = 'WAITING', wait_reason = :reason, updated_at = :now "
+    "WHERE device = :device AND app_id = :app AND phase = 'queued' AND admissible "
+    "AND (wait_reason IS NULL OR wait_reason <> :reason)")
 _NEXT_SEQ = sa.text("UPDATE bgt_devices SET next_seq = :seq WHERE name = :device")
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
@@ -401,9 +417,9 @@ class Store:
               lock: sa.TextClause) -> list[tuple[str, int]]:
         """The admission pass inside ``conn``'s transaction, which it commits; ``lock`` reads the
         device row (and locks it, unless the transaction already holds it)."""
-        p = {"device": device, "now": now, "free": s.max_concurrent_per_device}
+        p = {"device": device, "now": now, "free": s.max_concurrent_per_device, "hour": int(now // 3600)}
         read = [(_TALLY, p), (_HEADS[self.dialect], p)]
-        dev, tally, heads = self._batch(conn, [(lock, p), *read])
+        dev, tally, heads, *day = self._batch(conn, [(lock, p), *read, *([(_DAY_USAGE, p)] if s.quotas else [])])
         held, n_expired, oldest_verdict = tally[0]
         stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
         if not dev or n_expired or stale or _left_foreground(dev[0].conditions, now):
@@ -413,6 +429,13 @@ class Store:
         free = s.max_concurrent_per_device - held
         if free <= 0 or not heads:
             return []
+        over = policy.over_quota(dict(day[0]) if day else {}, s)
+        if over:  # such an app's requests wait, saying why, until its older bytes leave the window
+            self._batch(conn, [(_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
+                               for app, reason in over.items()])
+            heads = [h for h in heads if h.app_id not in over]
+            if not heads:
+                return []
         share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
                                   s.weights, heads[0].vnow or 0.0)
         token = {h.id: h.lease_token + 1 for h in heads}
@@ -490,27 +513,40 @@ class Store:
             dev = conn.execute(_DEVICE, {"device": res["device"]}).mappings().one()
             return {**res, "conditions": _conditions(dev["conditions"], now)}
 
+    def day_usage(self, device: str, now: float | None = None) -> dict[str, int]:
+        """Bytes each app moved on ``device`` in the last 24 hours (by the hour)."""
+        hour = int((time.time() if now is None else now) // 3600)
+        with self.tx() as conn:
+            return {app: int(n) for app, n in conn.execute(_DAY_USAGE, {"device": device, "hour": hour})}
+
     def running(self, device: str, app_id: str) -> tuple[int, int]:
         """How many transfers run now on ``device``, and how many of them are ``app_id``'s."""
         with self.tx() as conn:
             return tuple(conn.execute(_RUNNING_COUNTS, {"device": device, "app": app_id}).one())  # type: ignore[return-value]
 
-    def heartbeat(self, request_id: str, token: int, lease_seconds: float, **fields: Any) -> str | None:
-        """Renew the lease and record progress; returns the app's control ('pause'/'cancel')."""
+    def heartbeat(self, request_id: str, token: int, lease_seconds: float, used: int = 0,
+                  **fields: Any) -> str | None:
+        """Renew the lease and record progress (and ``used``: bytes moved since the last record,
+        for the quotas); returns the app's control ('pause'/'cancel')."""
         now = time.time()
         with self.tx() as conn:
             row = _renew(conn, request_id, token, {"lease_expires": now + lease_seconds, "updated_at": now, **fields})
+            if row is not None and used:
+                conn.execute(_USED, {"device": row.device, "app": row.app_id, "hour": int(now // 3600), "n": used})
         if row is None:
             raise LeaseLost(request_id)
         return row.control
 
-    def finish(self, request_id: str, token: int, **fields: Any) -> dict[str, Any]:
+    def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
         now = time.time()
         with self.tx() as conn:
             row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
             if row is None:
                 raise LeaseLost(request_id)
+            if used:
+                conn.execute(_USED, {"device": row["device"], "app": row["app_id"], "hour": int(now // 3600),
+                                     "n": used})
             if row["removed"]:
                 conn.execute(requests.delete().where(requests.c.id == request_id))
                 return {**row, "phase": "removed"}
@@ -542,7 +578,8 @@ _RUNNING_COUNTS = sa.text(
 def _renewal(names: tuple[str, ...]) -> sa.Update:
     """The fenced UPDATE of a running attempt's row that sets the columns ``names``."""
     return (requests.update().where(_FENCE, requests.c.phase == "running")
-            .values({n: sa.bindparam(f"set_{n}") for n in names}).returning(requests.c.control))
+            .values({n: sa.bindparam(f"set_{n}") for n in names})
+            .returning(requests.c.control, requests.c.device, requests.c.app_id))
 
 
 def _renew(conn: Connection, request_id: str, token: int, values: Mapping[str, Any]) -> Any:
@@ -595,7 +632,9 @@ def _create_v1(conn: Connection) -> None:
 
 
 def _admission_indexes_v2(conn: Connection) -> None:
-    """Partial indexes for the admission pass; fair-share clocks; every app with requests gets its row."""
+    """Partial indexes for the admission pass; fair-share clocks; every app with requests gets its
+    row; usage by the hour for the quotas."""
+    meta.create_all(conn, tables=[usage])
     conn.exec_driver_sql("DROP INDEX IF EXISTS bgt_requests_admissible")
     for index in requests.indexes:
         index.create(conn, checkfirst=True)

@@ -34,14 +34,18 @@ class StoreLease:
         self.counted = 0
         self.rate = self._share()
 
-    def count(self, moved: int) -> None:
-        if moved > self.counted:
-            self.bytes.inc(moved - self.counted)
+    def count(self, moved: int) -> int:
+        """Count the bytes moved since the last count (in the metrics); returns them, for the
+        app's quota usage when quotas are set (0 otherwise: nothing to record)."""
+        delta = max(moved - self.counted, 0)
+        if delta:
+            self.bytes.inc(delta)
             self.counted = moved
+        return delta if self.s.quotas else 0
 
     def renew(self, moved: int, **fields: Any) -> str | None:
-        self.count(moved)
-        control = self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, **fields)
+        used = self.count(moved)
+        control = self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, used, **fields)
         self.rate = self._share()
         return control
 
@@ -88,13 +92,13 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
     except Exception as exc:  # a bug must still count against the retry budget, not loop forever
         log.exception("request %s: attempt crashed", request_id)
         out = engine.Outcome("retry", f"internal error: {exc!r}")
-    lease.count(out.moved)
+    used = lease.count(out.moved)
     kind, error = final_kind(row, out, s)
     if kind in ("failed", "cancelled") and row["direction"] == "download":
         # before the outcome is visible: no one may see a failed request with its partial file
         delete_partial(s, job.app_id, job.parts, request_id)
     try:
-        record_outcome(store, s, row, token, out, kind, error)
+        record_outcome(store, s, row, token, out, kind, error, used)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
         return out
@@ -110,8 +114,9 @@ def final_kind(row: dict[str, Any], out: engine.Outcome, s: Settings) -> tuple[s
 
 
 def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome,
-                   kind: str, error: str | None) -> None:
-    """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot back."""
+                   kind: str, error: str | None, used: int = 0) -> None:
+    """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot
+    back, and record the ``used`` bytes not yet counted against the app's quota."""
     if kind == "lost":
         return
     now = time.time()
@@ -138,5 +143,5 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it
-    store.finish(row["id"], token, **fields)
+    store.finish(row["id"], token, used, **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")

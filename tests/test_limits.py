@@ -62,3 +62,30 @@ def test_a_transfer_limit_holds_for_one_download(deployment: Deployment, server:
     rate, _ = download_all(deployment, server, ["/one.bin"], len(data))
     assert (deployment.sandbox("app") / "one.bin").read_bytes() == data
     assert 0.3 * MB < rate < 1.3 * MB, rate
+
+
+def test_an_app_over_its_daily_quota_waits_and_the_metrics_show_it(deployment: Deployment, server: FileServer) -> None:
+    """A quota of 1 MB a day for app q: two 600 KB downloads run (the second starts while q is
+    under it), the third waits and says why; the store's metrics show the use against the quota."""
+    from bgtransfer._metrics import StoreCollector
+
+    data = os.urandom(600_000)
+    for i in range(3):
+        server.put(f"/q{i}.bin", data)
+    deployment.env.update(BGTRANSFER_APP_DAILY_BYTES="q=1000000", BGTRANSFER_MAX_CONCURRENT_PER_DEVICE="1")
+    deployment.worker(concurrency=1)
+    svc = deployment.service("q")
+    reqs = [BackgroundTransferRequest(server.url(f"/q{i}.bin"), download_location=f"/shared/transfers/q{i}.bin")
+            for i in range(3)]
+    for r in reqs:
+        svc.add(r)
+    for r in reqs[:2]:
+        assert deployment.wait_done("q", r.request_id).transfer_error is None
+    waiting = wait_for(lambda: (r := svc.find(reqs[2].request_id)) and "daily byte quota" in (r.wait_reason or "")
+                       and r, 10, 0.1, "the quota's wait reason")
+    assert waiting.transfer_status.value == "WAITING" and waiting.bytes_received == 0
+    assert len(server.requests_for("/q2.bin")) == 0
+    samples = {(m.name, s.labels["app"]): s.value for m in StoreCollector(deployment.settings).collect()
+               for s in m.samples if m.name.startswith("bgtransfer_app_daily")}
+    assert samples == {("bgtransfer_app_daily_bytes", "q"): 1_200_000,
+                       ("bgtransfer_app_daily_quota_bytes", "q"): 1_000_000}

@@ -317,3 +317,21 @@ def test_form_fields_are_checked() -> None:
 ])
 def test_rate_share(limits: dict, on_device: int, of_app: int, share: float) -> None:
     assert policy.rate_share(Settings(data_root="/x", **limits), on_device, of_app) == share
+
+
+@pytest.mark.parametrize("limits, usage, over", [
+    ({}, {"a": 10**12}, set()),  # no quota at all
+    ({"max_daily_bytes_per_app": 100}, {"a": 99, "b": 100}, {"b"}),
+    ({"max_daily_bytes_per_app": 100, "app_daily_bytes": "a=50"}, {"a": 60, "b": 60}, {"a"}),  # a's own
+    ({"app_daily_bytes": "a=50"}, {"a": 60, "b": 10**9}, {"a"}),  # only a has one
+])
+def test_over_quota(limits: dict, usage: dict, over: set) -> None:
+    got = policy.over_quota(usage, Settings(data_root="/x", **limits))
+    assert set(got) == over
+    assert all("daily byte quota" in reason for reason in got.values())
+
+
+@pytest.mark.parametrize("raw", ["a", "a=", "=3", "a=0", "a=-1", "a=x", "a=inf", "a=nan"])
+def test_per_app_settings_refuse_bad_values(raw: str) -> None:
+    with pytest.raises(ValueError, match="app_daily_bytes"):
+        Settings(data_root="/x", app_daily_bytes=raw)

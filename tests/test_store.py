@@ -194,3 +194,22 @@ def test_an_add_admits_at_once_when_a_slot_is_free(env) -> None:
     assert [r for r, _ in store.insert(second, s)] == [second["id"]]
     assert store.insert(third, s) == []  # the cap of 2 is reached: it waits
     assert store.claim(rid, token, "w", s) is not None
+
+
+def test_an_app_over_its_daily_quota_waits_and_says_why(env) -> None:
+    store, s, dep = env
+    s = dataclasses.replace(s, max_daily_bytes_per_app=1000)
+    a1, a2 = add(store, s, "a", 2, dep.device)
+    add(store, s, "b", 1, dep.device)
+    [(rid, token), _] = store.promote(dep.device, s)
+    assert rid == a1
+    store.claim(a1, token, "w", s)
+    store.heartbeat(a1, token, 5, used=600)
+    store.finish(a1, token, used=500, phase="done", status="COMPLETED")  # 1,100 bytes today
+    assert store.day_usage(dep.device) == {"a": 1100}
+    assert [r for r, _ in store.promote(dep.device, s)] == []  # b1 holds the other slot; a2 may not go
+    row = store.get(a2)
+    assert row["phase"] == "queued" and row["status"] == "WAITING" and "daily byte quota" in row["wait_reason"]
+    assert store.day_usage(dep.device, now=time.time() + 25 * 3600) == {}  # a day later it is free again
+    more = dataclasses.replace(s, max_daily_bytes_per_app=2000)
+    assert [r for r, _ in store.promote(dep.device, more)] == [a2]
