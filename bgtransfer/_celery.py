@@ -18,6 +18,7 @@ from celery import Celery, bootsteps, signals
 
 from . import _worker
 from ._celeryconf import celery_config
+from ._exceptions import TransferError
 from ._models import BackgroundTransferRequest
 from ._service import BackgroundTransferService, store_for
 from ._settings import Settings, load, queue_name
@@ -64,8 +65,16 @@ def transfer(request_id: str, token: int) -> None:
     store = store_for(s)
     until = time.monotonic() + s.chain_seconds
     job: tuple[str, int] | None = (request_id, token)
-    while job is not None and _worker.run_attempt(store, s, *job) is not None:
+    while job is not None and _worker.run_attempt(store, s, *job, refresher=_refresh_url) is not None:
         job = kick(s, s.device, keep=time.monotonic() < until)
+
+
+def _refresh_url(task: str, request: dict[str, Any]) -> Any:
+    """Run a URL refresh task here, in this process: it must be registered in the worker (its
+    module listed in BGTRANSFER_IMPORTS); nothing waits on the broker for it."""
+    if task not in app.tasks:
+        raise TransferError(f"task {task!r} is not registered in the worker: list its module in BGTRANSFER_IMPORTS")
+    return app.tasks[task].apply(args=(request,)).get(disable_sync_subtasks=False)  # eager: no wait
 
 
 @app.task(name="bgtransfer.add")

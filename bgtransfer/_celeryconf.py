@@ -30,6 +30,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_lost_wait": 2.0,
         "worker_hijack_root_logger": False,
+        "imports": [m.strip() for m in s.imports.split(",") if m.strip()],
     }
     if s.broker_url:
         conf["broker_url"] = s.broker_url

@@ -38,7 +38,7 @@ from ._sandbox import open_file, parent_dir, partial_name
 from ._settings import Settings
 
 # requeue: back to admission at once (the size learnt does not fit the current conditions)
-Kind = Literal["completed", "failed", "retry", "slow", "requeue", "paused", "cancelled", "lost"]
+Kind = Literal["completed", "failed", "retry", "slow", "requeue", "paused", "cancelled", "lost", "refresh"]
 CHUNK = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # libcurl errors that say the request itself can never work (others are worth a retry)
@@ -65,6 +65,7 @@ class Job:
     validator: str | None = None  # of the bytes already held in the partial file
     known_total: int | None = None
     form_fields: dict[str, str] | None = None  # upload as multipart/form-data
+    refreshable: bool = False  # a 401/403 asks for a fresh URL instead of failing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +315,14 @@ def _perform(c: pycurl.Curl) -> tuple[int, str] | None:
     return None
 
 
-def _classify_http(code: int, resp: _Responses) -> Outcome | None:
+def _classify_http(code: int, resp: _Responses, job: Job) -> Outcome | None:
     """An outcome for a final status other than success, or None for success."""
     if 200 <= code < 300:
         return None
     if code in (408, 429) or code >= 500:
         return Outcome("retry", f"HTTP {code}", code, _retry_after(resp.headers.get("retry-after")))
+    if code in (401, 403) and job.refreshable:  # an expired presigned URL, most likely
+        return Outcome("refresh", f"HTTP {code}", code)
     return Outcome("failed", f"HTTP {code}", code)
 
 
@@ -492,7 +495,7 @@ class _Download:
             out = _classify_curl(err, att)
             return self._outcome(out.kind, out.error, out.status_code)
         else:
-            bad = _classify_http(code, att.resp)
+            bad = _classify_http(code, att.resp, job)
             if bad is not None:
                 return self._outcome(bad.kind, bad.error, code, retry_after=bad.retry_after)
         if self.total is not None and self.pos != self.total:
@@ -567,7 +570,7 @@ def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
             c.close()
     if err is not None:
         return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size, moved=sent)
-    bad = _classify_http(code, att.resp)
+    bad = _classify_http(code, att.resp, job)
     if bad is not None:
         return dataclasses.replace(bad, bytes_done=sent, total=size, moved=sent)
     return Outcome("completed", None, code, bytes_done=sent, total=size, moved=sent)

@@ -76,6 +76,8 @@ def observe(row: dict[str, Any], kind: str, out: Any, elapsed: float, now: float
         RATE.labels(device, direction).observe(out.moved / elapsed)
     if kind in ("retry", "requeue"):
         RETRIES.labels(device, app, retry_reason(out.error, out.status_code)).inc()
+    elif kind == "refreshed":
+        RETRIES.labels(device, app, "url_refresh").inc()
     elif kind in ("slow", "paused"):
         PAUSES.labels(device, app, "min_rate" if kind == "slow" else "app").inc()
     elif kind in ("completed", "failed", "cancelled"):

@@ -47,6 +47,10 @@ INPUT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "tag": (str, type(None)),
     "expected_sha256": (str, type(None)),
     "form_fields": (dict, type(None)),
+    # URL refresh: a Celery task that returns a fresh URL (and headers) when the server answers
+    # 401/403 or the URL is about to expire (a unix time), e.g. a presigned URL
+    "refresh_task": (str, type(None)),
+    "url_expires_at": (int, float, type(None)),
 }
 STATE_FIELDS: tuple[str, ...] = (
     "request_id",
@@ -81,6 +85,8 @@ class BackgroundTransferRequest:
         tag: str | None = None,
         expected_sha256: str | None = None,
         form_fields: dict[str, str] | None = None,
+        refresh_task: str | None = None,
+        url_expires_at: float | None = None,
     ) -> None:
         self.request_id: str = uuid.uuid4().hex
         self.app_id: str | None = None
@@ -94,6 +100,8 @@ class BackgroundTransferRequest:
         self.tag = tag
         self.expected_sha256 = expected_sha256
         self.form_fields = form_fields  # an upload as multipart/form-data: these fields plus part "file"
+        self.refresh_task = refresh_task
+        self.url_expires_at = url_expires_at
         self.transfer_status = TransferStatus.NONE
         self.bytes_received = 0
         self.total_bytes_to_receive: int | None = None

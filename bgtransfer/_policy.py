@@ -9,6 +9,7 @@ Caps that need counts (rule 5, rule 11's cap) are applied by the store inside on
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
@@ -108,6 +109,21 @@ class Checked:
     tag: str | None
     expected_sha256: str | None
     form_fields: dict[str, str] | None
+    refresh_task: str | None = None
+    url_expires_at: float | None = None
+
+
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def check_refresh(task: object, expires_at: object) -> tuple[str | None, float | None]:
+    """A URL refresh task's name (dotted identifiers) and the URL's expiry (a finite unix time)."""
+    if task is not None and (not isinstance(task, str) or len(task) > 200 or not TASK_NAME.fullmatch(task)):
+        raise TransferError(f"refresh_task {task!r} must be a Celery task name (dotted identifiers)")
+    if expires_at is not None and (isinstance(expires_at, bool) or not isinstance(expires_at, (int, float))
+                                   or not math.isfinite(expires_at)):
+        raise TransferError(f"url_expires_at {expires_at!r} must be a unix time (a number)")
+    return task, None if expires_at is None else float(expires_at)
 
 
 def check_request(req: BackgroundTransferRequest, settings: Settings) -> Checked:
@@ -141,7 +157,9 @@ def check_request(req: BackgroundTransferRequest, settings: Settings) -> Checked
     form = check_form_fields(req.form_fields, direction, settings)
     if form is not None and any(k.strip().lower() == "content-type" for k in headers):
         raise NotSupportedError("header 'Content-Type' is set by the service for a form upload")
-    return Checked(method, url, headers, prefs, direction, parts, req.tag, sha.lower() if sha else None, form)
+    refresh = check_refresh(getattr(req, "refresh_task", None), getattr(req, "url_expires_at", None))
+    return Checked(method, url, headers, prefs, direction, parts, req.tag, sha.lower() if sha else None, form,
+                   *refresh)
 
 
 def check_form_fields(fields: object, direction: str, settings: Settings) -> dict[str, str] | None:

@@ -53,7 +53,7 @@ class BackgroundTransferService:
             "url": c.url, "headers": c.headers, "direction": c.direction,
             "local_path": policy.SANDBOX_PREFIX + "/".join(c.local_parts),
             "preferences": c.preferences.value, "tag": c.tag, "expected_sha256": c.expected_sha256,
-            "form_fields": c.form_fields,
+            "form_fields": c.form_fields, "refresh_task": c.refresh_task, "url_expires": c.url_expires_at,
         }
         if c.direction == "upload":
             size = upload_size(s, self.app_id, c.local_parts)

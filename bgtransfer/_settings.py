@@ -65,6 +65,10 @@ class Settings:
     max_rate_per_transfer: float = 0.0
     max_rate_per_app: float = 0.0
     max_rate_per_device: float = 0.0
+    # URL refresh: modules the worker imports at start (where refresh tasks live), and how long
+    # before a URL's stated expiry it is refreshed rather than used
+    imports: str = ""
+    refresh_margin_seconds: float = 30.0
     # transport
     buffer_size: int = 1024 * 1024
     connect_timeout: float = 30.0

@@ -47,6 +47,8 @@ requests = sa.Table(
     sa.Column("tag", sa.Text),
     sa.Column("expected_sha256", sa.String(64)),
     sa.Column("form_fields", sa.JSON),
+    sa.Column("refresh_task", sa.Text),  # a Celery task that gives a fresh URL (and headers)
+    sa.Column("url_expires", sa.Float),  # when the URL stops working, if the app said
     # queued -> admitted -> running -> done; paused by the app; removed rows finish their stop
     sa.Column("phase", sa.String(16), nullable=False),
     sa.Column("status", sa.String(64), nullable=False),
@@ -635,6 +637,10 @@ def _admission_indexes_v2(conn: Connection) -> None:
     """Partial indexes for the admission pass; fair-share clocks; every app with requests gets its
     row; usage by the hour for the quotas."""
     meta.create_all(conn, tables=[usage])
+    have = {c["name"] for c in sa.inspect(conn).get_columns("bgt_requests")}
+    for column in ("refresh_task TEXT", "url_expires FLOAT"):  # URL refresh
+        if column.split()[0] not in have:
+            conn.exec_driver_sql(f"ALTER TABLE bgt_requests ADD COLUMN {column}")
     conn.exec_driver_sql("DROP INDEX IF EXISTS bgt_requests_admissible")
     for index in requests.indexes:
         index.create(conn, checkfirst=True)
@@ -661,6 +667,7 @@ def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:
         row["url"], row["method"], download_location=down, upload_location=up,
         headers=row["headers"], transfer_preferences=TransferPreferences(row["preferences"]),
         tag=row["tag"], expected_sha256=row["expected_sha256"], form_fields=row["form_fields"],
+        refresh_task=row["refresh_task"], url_expires_at=row["url_expires"],
     )
     req.request_id, req.app_id = row["id"], row["app_id"]
     req.transfer_status = TransferStatus(row["status"])

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _engine as engine
@@ -18,7 +19,7 @@ from ._exceptions import LeaseLost, TransferError
 from ._models import TransferStatus
 from ._sandbox import delete_partial
 from ._settings import Settings
-from ._store import Store
+from ._store import Store, to_request
 
 log = logging.getLogger("bgtransfer.worker")
 
@@ -67,10 +68,16 @@ def job_from_row(row: dict[str, Any]) -> engine.Job:
         headers=dict(row["headers"]), direction=row["direction"], parts=parts,
         expected_sha256=row["expected_sha256"], validator=row["validator"],
         known_total=row["total_bytes_to_receive"], form_fields=row["form_fields"],
+        refreshable=row["refresh_task"] is not None,
     )
 
 
-def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engine.Outcome | None:
+# Calls a URL refresh task by name with the request (as a dict); returns its answer.
+Refresher = Callable[[str, dict[str, Any]], Any]
+
+
+def run_attempt(store: Store, s: Settings, request_id: str, token: int,
+                refresher: Refresher | None = None) -> engine.Outcome | None:
     """Claim the request with ``token`` and run one attempt; None if the wake-up was stale."""
     row = store.claim(request_id, token, f"{socket.gethostname()}:{os.getpid()}", s)
     if row is None:
@@ -83,8 +90,12 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
     job = job_from_row(row)
     lease = StoreLease(store, row, token, s)
     started = time.monotonic()
+    expires = row["url_expires"]
     try:
-        out = engine.run(job, lease, limits, s)
+        if job.refreshable and expires is not None and expires - s.refresh_margin_seconds <= time.time():
+            out = engine.Outcome("refresh", "the URL expires")  # no request with it: get a new one first
+        else:
+            out = engine.run(job, lease, limits, s)
     except TransferError as exc:  # the sandbox changed under us (a symlink swapped in, a file gone)
         out = engine.Outcome("failed", str(exc))
     except OSError as exc:  # disk full and the like: keep the partial file, try again later
@@ -94,11 +105,14 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
         out = engine.Outcome("retry", f"internal error: {exc!r}")
     used = lease.count(out.moved)
     kind, error = final_kind(row, out, s)
+    changes: dict[str, Any] = {}
+    if kind == "refresh":
+        kind, error, changes = refresh(row, s, refresher)
     if kind in ("failed", "cancelled") and row["direction"] == "download":
         # before the outcome is visible: no one may see a failed request with its partial file
         delete_partial(s, job.app_id, job.parts, request_id)
     try:
-        record_outcome(store, s, row, token, out, kind, error, used)
+        record_outcome(store, s, row, token, out, kind, error, used, changes)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
         return out
@@ -108,15 +122,36 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int) -> engin
 
 def final_kind(row: dict[str, Any], out: engine.Outcome, s: Settings) -> tuple[str, str | None]:
     """The attempt's outcome as the request will take it: a retry past the budget is a failure."""
-    if out.kind in ("retry", "slow") and row["attempts"] >= s.max_attempts:
+    if out.kind in ("retry", "slow", "refresh") and row["attempts"] >= s.max_attempts:
         return "failed", f"gave up after {row['attempts']} attempts: {out.error}"
     return out.kind, out.error
 
 
+def refresh(row: dict[str, Any], s: Settings, refresher: Refresher | None) -> tuple[str, str | None, dict[str, Any]]:
+    """Ask the request's refresh task for a fresh URL: ("refreshed", None, the new url, headers
+    and expiry), or a failure (a bad answer) or a retry (the task failed) with its reason."""
+    task = row["refresh_task"]
+    try:
+        if refresher is None:
+            raise TransferError("no Celery app here to call it with")
+        answer = refresher(task, to_request(row).to_dict())
+        if not isinstance(answer, dict) or not isinstance(answer.get("url"), str):
+            raise TransferError(f"expected a dict with a 'url', got {answer!r:.200}")
+        url = policy.check_url(answer["url"], "url")
+        headers = policy.check_headers(answer.get("headers", row["headers"]), s)
+        _, expires = policy.check_refresh(task, answer.get("expires_at"))
+    except TransferError as exc:  # an answer that can never work: say so
+        return "failed", f"URL refresh by {task}: {exc}", {}
+    except Exception as exc:  # the task failed this time: try again later
+        return "retry", f"URL refresh by {task} failed: {exc!r:.300}", {}
+    return "refreshed", None, {"url": url, "headers": headers, "url_expires": expires}
+
+
 def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome,
-                   kind: str, error: str | None, used: int = 0) -> None:
+                   kind: str, error: str | None, used: int = 0, changes: dict[str, Any] | None = None) -> None:
     """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot
-    back, and record the ``used`` bytes not yet counted against the app's quota."""
+    back, record the ``used`` bytes not yet counted against the app's quota, and apply ``changes``
+    (a refreshed URL)."""
     if kind == "lost":
         return
     now = time.time()
@@ -140,6 +175,9 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
         )
     elif kind == "requeue":  # admission decides again with what was learnt (the size)
         fields.update(phase="queued", status=TransferStatus.WAITING.value, wait_reason=error, not_before=0.0)
+    elif kind == "refreshed":  # at once with the new URL; the bytes held stay, validated as usual
+        fields.update(phase="queued", status=TransferStatus.WAITING.value, wait_reason="URL refreshed",
+                      not_before=0.0, **(changes or {}))
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it

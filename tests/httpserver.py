@@ -69,6 +69,7 @@ class RequestLog:
     started: float = 0.0
     ended: float | None = None
     completed: bool = False
+    query: str = ""
 
 
 @dataclass
@@ -103,6 +104,7 @@ class _Behaviour:
     redirect_code: int = 302
     expect_method: str | None = None
     post_download: bool = False
+    signed: str | None = None  # the query a request must carry, like a presigned URL's signature
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server.owner
         path = _request_path(self.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
-        log = RequestLog(self.command, path, headers, _range_start(headers.get("range")), started=time.monotonic())
+        log = RequestLog(self.command, path, headers, _range_start(headers.get("range")), started=time.monotonic(),
+                         query=urllib.parse.urlsplit(self.path).query)
         self._log = log
         owner._begin(log)
         try:
@@ -373,6 +376,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         refusal: tuple[int, dict[str, str]] | None = None
         if b.expect_method and method != b.expect_method.upper():
             refusal = (405, {"Allow": b.expect_method.upper()})
+        elif b.signed is not None and log.query != b.signed:
+            refusal = (403, {})  # an expired or forged signature
         elif (status := owner._next_status(path)) is not None:
             refusal = status
         elif b.redirect_to is not None:
@@ -734,6 +739,7 @@ class FileServer:
         redirect_code: int = 302,
         expect_method: str | None = None,
         post_download: bool = False,
+        signed: str | None = None,
     ) -> None:
         """Replace the behaviour of ``path``; with no options the path behaves normally again.
 
@@ -755,6 +761,7 @@ class FileServer:
             redirect_code=redirect_code,
             expect_method=expect_method,
             post_download=post_download,
+            signed=signed,
         )
         path = _norm(path)
         with self._lock:
