@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from typing import Any
@@ -83,12 +84,75 @@ def _worker_options(command: Any) -> Any:
 
 @main.command()
 @_worker_options
-def serve(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str) -> None:
+@click.option("--http-port", type=int, default=None,
+              help="Also serve the ops HTTP API on this port (0: any free port; default: no HTTP API).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Address for the ops HTTP API.")
+def serve(device: str | None, concurrency: int | None, metrics_port: int | None, loglevel: str,
+          http_port: int | None, http_host: str) -> None:
     """Run a whole device on this machine (embedded defaults: no server needed)."""
     s = load()
     click.echo(f"bgtransfer: data root {s.root}, state {s.store_url.split('://')[0]}, "
                f"broker {s.broker_url or 'filesystem (embedded)'}", err=True)
-    _run_worker(device, concurrency, loglevel, metrics_port)
+    api = None if http_port is None else _start_http(http_host, http_port, device, loglevel)
+    try:
+        _run_worker(device, concurrency, loglevel, metrics_port)
+    finally:
+        if api is not None:
+            _stop(api)
+
+
+def _start_http(host: str, port: int, device: str | None, loglevel: str) -> subprocess.Popen[bytes]:
+    """The ops HTTP API beside the worker: `bgtransfer http` in a child process (so Celery's pool
+    never forks a process with a server thread in it), on a socket bound here so a busy port or a
+    bad token setting fails before the worker starts."""
+    from . import _httpapi
+
+    _httpapi.load_tokens()
+    if device:
+        policy.check_app_id(device)
+    sock = _httpapi.bind(host, port)
+    with sock:
+        args = ["--fd", str(sock.fileno()), "--parent-pid", str(os.getpid()), "--loglevel", loglevel]
+        proc = subprocess.Popen([sys.executable, "-m", "bgtransfer", "http", *args,
+                                 *(["--device", device] if device else [])], pass_fds=[sock.fileno()])
+        click.echo(f"bgtransfer: ops HTTP API on {_httpapi.url_of(sock)}", err=True)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9800, show_default=True, help="Port to listen on (0: any free port).")
+@DEVICE
+@click.option("--loglevel", default="INFO")
+@click.option("--fd", type=int, default=None, hidden=True, help="A listening socket inherited from serve.")
+@click.option("--parent-pid", type=int, default=None, hidden=True, help="Exit when this parent is gone.")
+def http(host: str, port: int, device: str | None, loglevel: str, fd: int | None,
+         parent_pid: int | None) -> None:
+    """Serve the ops HTTP API (JSON, OpenAPI at /openapi.json) for a device.
+
+    Tokens: BGTRANSFER_HTTP_TOKENS="app=token,..." (or BGTRANSFER_HTTP_TOKENS_FILE, one app=token
+    a line); only BGTRANSFER_HTTP_ADMIN_TOKEN may change device conditions.
+    """
+    from . import _httpapi
+
+    if device:
+        policy.check_app_id(device)
+    tokens = _httpapi.load_tokens()  # refuse a bad setting before binding
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+    else:
+        sock = _httpapi.bind(host, port)
+        click.echo(f"bgtransfer: ops HTTP API on {_httpapi.url_of(sock)}", err=True)
+    _httpapi.serve(sock, tokens, device=device, log_level=loglevel, parent_pid=parent_pid)
 
 
 @main.command()
