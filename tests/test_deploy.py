@@ -59,6 +59,8 @@ STORE_METRICS = {  # device-wide, read from the state store: the same on every w
     "bgtransfer_admission_decisions_total": {"device", "decision", "reason"},
     "bgtransfer_lease_reclaims_total": {"device"},
     "bgtransfer_store_up": {"device"},
+    "bgtransfer_app_daily_bytes": {"device", "app"},
+    "bgtransfer_app_daily_quota_bytes": {"device", "app"},
 }
 HISTOGRAMS = {"bgtransfer_transfer_duration_seconds", "bgtransfer_transfer_rate_bytes_per_second"}
 METRIC_LABELS: dict[str, set[str]] = {**WORKER_METRICS, **STORE_METRICS}

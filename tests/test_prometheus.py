@@ -193,7 +193,8 @@ def test_dashboard_and_alerts_on_a_real_prometheus(deployment: Deployment, serve
     prom_dir.mkdir()
     with running_prometheus(prom_dir, metrics_port) as prom:
         deployment.worker(concurrency=2, BGTRANSFER_METRICS_PORT=str(metrics_port),
-                          BGTRANSFER_METRICS_ADDR="127.0.0.1")
+                          BGTRANSFER_METRICS_ADDR="127.0.0.1",
+                          BGTRANSFER_MAX_DAILY_BYTES_PER_APP=str(10**10))  # quota use shows too
 
         # -- transfers that run to their end at once
         batch = [
