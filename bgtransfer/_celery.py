@@ -41,13 +41,9 @@ def sender_for(s: Settings) -> Celery:
     return _senders[key]
 
 
-def kick(s: Settings, device: str, keep: bool = False) -> tuple[str, int] | None:
-    """Run an admission pass for ``device`` and wake a worker for each request it admits; with
-    ``keep``, the first admitted request is returned to the caller to run instead."""
-    picks = store_for(s).promote(device, s)
-    kept = picks.pop(0) if keep and picks else None
-    dispatch(s, device, picks)
-    return kept
+def kick(s: Settings, device: str) -> None:
+    """Run an admission pass for ``device`` and wake a worker for each request it admits."""
+    dispatch(s, device, store_for(s).promote(device, s))
 
 
 def dispatch(s: Settings, device: str, picks: list[tuple[str, int]]) -> None:
@@ -64,9 +60,19 @@ def transfer(request_id: str, token: int) -> None:
     s = load()
     store = store_for(s)
     until = time.monotonic() + s.chain_seconds
-    job: tuple[str, int] | None = (request_id, token)
-    while job is not None and _worker.run_attempt(store, s, *job, refresher=_refresh_url) is not None:
-        job = kick(s, s.device, keep=time.monotonic() < until)
+    row: dict[str, Any] | None = None  # the next request, claimed by the pass that ended the last
+    while True:
+        att = _worker.run_attempt(store, s, request_id, token, _refresh_url, time.monotonic() < until, row)
+        if att is None:  # a stale or duplicate wake-up
+            return
+        if att.after is None:  # the lease was lost, so no pass ran with the outcome: run one
+            kick(s, s.device)
+            return
+        dispatch(s, s.device, att.after.picks)
+        row = att.after.claimed
+        if row is None:
+            return
+        request_id, token = row["id"], row["lease_token"]
 
 
 def _refresh_url(task: str, request: dict[str, Any]) -> Any:

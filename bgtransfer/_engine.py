@@ -9,10 +9,16 @@ when complete and verified. A resume sends ``Range`` with ``If-Range`` on the va
 recorded with the bytes held, so two versions of a file are never joined. The sha256, when
 asked for, is computed by a thread that reads the partial file behind the writer, off the
 write path.
+
+Uploads stream from the sandbox file. A server that speaks tus 1.0 (asked with OPTIONS when
+``resumable_uploads`` is on) keeps what it received: the upload's URL is stored before its first
+byte is sent, and a later attempt asks the server for its offset (HEAD) and sends only the
+rest (PATCH). Any other upload is one POST that starts from zero at every attempt.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.utils
 import fcntl
@@ -41,6 +47,10 @@ from ._settings import Settings
 Kind = Literal["completed", "failed", "retry", "slow", "requeue", "paused", "cancelled", "lost", "refresh"]
 CHUNK = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+TUS = "1.0.0"
+# headers each tus request sets itself: an app's own would contradict them (its Content-Type
+# goes into Upload-Metadata instead)
+_TUS_OWN = frozenset({"content-type", "tus-resumable", "upload-offset", "upload-length"})
 # libcurl errors that say the request itself can never work (others are worth a retry)
 _PERMANENT = {
     pycurl.E_UNSUPPORTED_PROTOCOL: "redirected to an unsupported scheme (only http and https are allowed)",
@@ -62,10 +72,11 @@ class Job:
     direction: Literal["download", "upload"]
     parts: tuple[str, ...]  # the local file, below the app's sandbox root
     expected_sha256: str | None = None
-    validator: str | None = None  # of the bytes already held in the partial file
+    validator: str | None = None  # of the bytes already held in the partial file (tus: of the local file)
     known_total: int | None = None
     form_fields: dict[str, str] | None = None  # upload as multipart/form-data
     refreshable: bool = False  # a 401/403 asks for a fresh URL instead of failing
+    upload_url: str | None = None  # a tus upload on the server, of the local file version ``validator``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +208,7 @@ class _Attempt:
         self.progress_fields: Callable[[int, int], dict[str, int]] = lambda down, up: {}
         self.rate = lease.max_rate()  # bytes/s this attempt may move (0: no limit)
         self.rate_since, self.rate_bytes = self.started, 0  # since when, and how much, at this rate
+        self.base = 0  # bytes moved by earlier requests of this attempt (a tus upload makes several)
 
     def stop(self, kind: Kind, why: str) -> int:
         self.abort = (kind, why)
@@ -207,7 +219,7 @@ class _Attempt:
         if now < self.next_tick:
             return 0
         self.next_tick = now + self.s.progress_interval
-        moved = dlnow + ulnow
+        moved = self.base + dlnow + ulnow
         try:
             control = self.lease.renew(moved, **self.progress_fields(dlnow, ulnow))
             self.lease_deadline = now + self.s.lease_seconds
@@ -545,35 +557,220 @@ def _throttled(att: _Attempt, data: bytes) -> bytes:
 
 
 def upload(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:
-    """One attempt at a POST upload, streamed from the sandbox file (restarts from zero)."""
+    """One attempt at an upload streamed from the sandbox file: to a tus server, from the server's
+    offset; to any other, a plain POST from zero."""
     with parent_dir(s, job.app_id, job.parts, create=False) as dfd:
         fd = open_file(dfd, job.parts[-1], os.O_RDONLY)
     with os.fdopen(fd, "rb", buffering=0) as f:
-        body = _Body(job, f, os.fstat(fd).st_size)
-        size = body.size
-        att = _Attempt(job, lease, limits, s)
-        if limits.max_bytes is not None and size > limits.max_bytes:
-            return Outcome("failed", f"upload of {size} bytes exceeds {limits.max_bytes} allowed")
-        att.progress_fields = lambda _down, up: {"bytes_sent": up}
-        given = any(k.lower() == "content-type" for k in job.headers) and job.form_fields is None
-        c = _curl(job, att, s, ["Expect:"] + ([] if given else [f"Content-Type: {body.content_type}"]))
-        c.setopt(pycurl.POST, 1)
-        c.setopt(pycurl.READFUNCTION, body.read if not att.rate else lambda n: _throttled(att, body.read(n)))
-        c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
-        c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
-        try:
-            lease.renew(0, total_bytes_to_send=size, bytes_sent=0)
-            err = _perform(c)
-            code = c.getinfo(pycurl.RESPONSE_CODE)
-            sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
-        finally:
-            c.close()
+        if s.resumable_uploads and job.form_fields is None:  # tus carries no form fields
+            size = os.fstat(fd).st_size
+            if limits.max_bytes is not None and size > limits.max_bytes:
+                return Outcome("failed", f"upload of {size} bytes exceeds {limits.max_bytes} allowed")
+            out = _Tus(job, lease, limits, s, f, size).run()
+            if out is not None:
+                return out
+        return _post(job, lease, limits, s, f)
+
+
+def _post(job: Job, lease: Lease, limits: Limits, s: Settings, f: Any) -> Outcome:
+    """A plain POST of the whole file (raw or multipart/form-data): the server keeps nothing of
+    an interrupted one, so every attempt starts from zero."""
+    body = _Body(job, f, os.fstat(f.fileno()).st_size)
+    size = body.size
+    att = _Attempt(job, lease, limits, s)
+    if limits.max_bytes is not None and size > limits.max_bytes:
+        return Outcome("failed", f"upload of {size} bytes exceeds {limits.max_bytes} allowed")
+    att.progress_fields = lambda _down, up: {"bytes_sent": up}
+    given = any(k.lower() == "content-type" for k in job.headers) and job.form_fields is None
+    c = _curl(job, att, s, ["Expect:"] + ([] if given else [f"Content-Type: {body.content_type}"]))
+    c.setopt(pycurl.POST, 1)
+    c.setopt(pycurl.READFUNCTION, body.read if not att.rate else lambda n: _throttled(att, body.read(n)))
+    c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
+    c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
+    try:
+        lease.renew(0, total_bytes_to_send=size, bytes_sent=0)
+        err = _perform(c)
+        code = c.getinfo(pycurl.RESPONSE_CODE)
+        sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
+    finally:
+        c.close()
     if err is not None:
         return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size, moved=sent)
     bad = _classify_http(code, att.resp, job)
     if bad is not None:
+        if bad.kind == "failed" and s.resumable_uploads and job.form_fields is None and (
+                "tus-resumable" in att.resp.headers or "tus-version" in att.resp.headers):
+            # a tus server refusing a plain POST: its OPTIONS answer was lost or wrong this time
+            bad = Outcome("retry", f"HTTP {code} from a tus server to a plain POST", code)
         return dataclasses.replace(bad, bytes_done=sent, total=size, moved=sent)
     return Outcome("completed", None, code, bytes_done=sent, total=size, moved=sent)
+
+
+class _Stop(Exception):
+    """Ends a tus attempt early with its outcome."""
+
+    def __init__(self, out: Outcome) -> None:
+        super().__init__(out.error)
+        self.out = out
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {v.strip().lower() for v in (value or "").split(",")}
+
+
+def _file_version(fd: int) -> str:
+    """What vouches for the bytes a tus server holds: the local file as it was when they were
+    sent. A file changed since then starts a new upload rather than being spliced onto the old."""
+    st = os.fstat(fd)
+    return f"file {st.st_size} {st.st_mtime_ns} {st.st_ino}"
+
+
+class _Tus:
+    """A tus 1.0 upload attempt (https://tus.io/protocols/resumable-upload): a new upload is made
+    with POST and its URL stored before any byte goes; after an interruption, HEAD says how much
+    the server holds and PATCH sends the rest from the file at that offset."""
+
+    def __init__(self, job: Job, lease: Lease, limits: Limits, s: Settings, f: Any, size: int) -> None:
+        self.job, self.lease, self.s, self.f, self.size = job, lease, s, f, size
+        self.version = _file_version(f.fileno())
+        self.headers = {k: v for k, v in job.headers.items() if k.lower() not in _TUS_OWN}
+        self.att = _Attempt(job, lease, limits, s)
+        self.offset = 0  # what the server holds, as it said last (a broken PATCH's bytes count once it says so)
+        self.remaining = 0  # of the current PATCH's body
+        self.effective_url = job.url  # where the last request ended up, after redirects
+        self.att.progress_fields = lambda _down, up: {"bytes_sent": self.offset + up}
+
+    def run(self) -> Outcome | None:
+        """The attempt's outcome; None when the server does not speak tus (a plain POST then)."""
+        try:
+            url = self._resume()
+            if url is None:
+                if self.job.upload_url is None and not self._speaks_tus():
+                    return None
+                url = self._create()
+            while self.offset < self.size:
+                self._patch(url)
+        except _Stop as stop:
+            out = stop.out
+        else:
+            out = Outcome("completed", None, self.att.resp.status or None)
+        return dataclasses.replace(out, bytes_done=self.offset, total=self.size, moved=self.att.base)
+
+    def _request(self, method: str, url: str, extra: list[str]) -> int:
+        """One request of the attempt (a PATCH sends the file from ``offset``); its status, or _Stop
+        on a libcurl error."""
+        att = self.att
+        att.resp = _Responses()
+        c = _curl(dataclasses.replace(self.job, url=url, headers=self.headers), att, self.s, ["Expect:", *extra])
+        c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
+        if method == "HEAD":
+            c.setopt(pycurl.NOBODY, 1)
+        elif method == "POST":
+            c.setopt(pycurl.POSTFIELDS, b"")
+        elif method == "PATCH":
+            self.f.seek(self.offset)
+            self.remaining = self.size - self.offset
+            c.setopt(pycurl.FOLLOWLOCATION, 0)  # a redirect would need the body again
+            c.setopt(pycurl.POST, 1)
+            c.setopt(pycurl.READFUNCTION, self._read)
+            c.setopt(pycurl.POSTFIELDSIZE_LARGE, self.remaining)
+        if method in ("OPTIONS", "PATCH"):
+            c.setopt(pycurl.CUSTOMREQUEST, method)
+        try:
+            err = _perform(c)
+            code = int(c.getinfo(pycurl.RESPONSE_CODE))
+            sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
+            self.effective_url = c.getinfo(pycurl.EFFECTIVE_URL)
+        finally:
+            c.close()
+        att.base += sent
+        if err is not None:
+            raise _Stop(_classify_curl(err, att))
+        return code
+
+    def _check(self, code: int) -> None:
+        bad = _classify_http(code, self.att.resp, self.job)
+        if bad is not None:
+            raise _Stop(bad)
+
+    def _speaks_tus(self) -> bool:
+        """Whether the upload URL answers OPTIONS as a tus 1.0 server that creates uploads."""
+        code = self._request("OPTIONS", self.job.url, [])
+        h = self.att.resp.headers
+        return 200 <= code < 300 and TUS in _tokens(h.get("tus-version")) and "creation" in _tokens(
+            h.get("tus-extension"))
+
+    def _resume(self) -> str | None:
+        """The stored upload's URL, with the offset the server holds; None to make a new upload."""
+        url = self.job.upload_url
+        if url is None or self.job.validator != self.version:
+            return None  # none yet, or the local file changed since its bytes were sent
+        code = self._request("HEAD", url, [f"Tus-Resumable: {TUS}"])
+        if code in (403, 404, 410):
+            return None  # expired or unknown: tus servers answer any of these
+        self._check(code)
+        offset, length = self.att.resp.headers.get("upload-offset", ""), self.att.resp.headers.get("upload-length")
+        if not offset.isdigit() or int(offset) > self.size or length not in (None, str(self.size)):
+            return None  # not an upload of this file
+        self.offset = int(offset)
+        self._hold(url)
+        return url
+
+    def _create(self) -> str:
+        """A new upload of the whole file; its URL is stored before any of its bytes is sent."""
+        meta = next((v for k, v in self.headers.items() if k.lower() == "upload-metadata"), None)
+        extra = [f"Tus-Resumable: {TUS}", f"Upload-Length: {self.size}", "Content-Type:"]
+        if meta is None:
+            pairs = {"filename": self.job.parts[-1]}
+            ctype = next((v for k, v in self.job.headers.items() if k.lower() == "content-type"), None)
+            if ctype:
+                pairs["filetype"] = ctype
+            extra.append("Upload-Metadata: " + ",".join(
+                f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items()))
+        code = self._request("POST", self.job.url, extra)
+        self._check(code)
+        location = self.att.resp.headers.get("location")
+        url = urllib.parse.urljoin(self.effective_url, location) if location else ""
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise _Stop(Outcome("failed", f"tus server answered HTTP {code} without an http(s) Location", code))
+        self.offset = 0
+        self._hold(url)
+        return url
+
+    def _hold(self, url: str) -> None:
+        """Store the upload's URL and the file version it holds, with the progress, before a PATCH."""
+        try:
+            control = self.lease.renew(self.att.base, upload_url=url, validator=self.version,
+                                       total_bytes_to_send=self.size, bytes_sent=self.offset)
+        except LeaseLost:
+            raise _Stop(Outcome("lost", "lease lost")) from None
+        except Exception as exc:  # nothing may be sent that the store cannot find again
+            raise _Stop(Outcome("retry", f"state store unreachable: {exc}")) from None
+        if control == "cancel":
+            raise _Stop(Outcome("cancelled", "removed by the app"))
+        if control == "pause":
+            raise _Stop(Outcome("paused", "paused by the app"))
+
+    def _read(self, n: int) -> bytes:
+        data = self.f.read(min(n, self.remaining))
+        self.remaining -= len(data)
+        if self.att.rate:
+            self.att.throttle(len(data))
+        return data
+
+    def _patch(self, url: str) -> None:
+        """Send the file from the server's offset to its end; the offset moves to what the server took."""
+        code = self._request("PATCH", url, [f"Tus-Resumable: {TUS}", f"Upload-Offset: {self.offset}",
+                                            "Content-Type: application/offset+octet-stream"])
+        if code in (404, 409, 410, 423) or (code == 403 and not self.job.refreshable):
+            # gone, another offset, or busy: the next attempt asks the server again (HEAD)
+            raise _Stop(Outcome("retry", f"HTTP {code} to PATCH at offset {self.offset}", code))
+        self._check(code)
+        offset = self.att.resp.headers.get("upload-offset", "")
+        if not offset.isdigit() or not self.offset < int(offset) <= self.size:
+            raise _Stop(Outcome("retry", f"tus server answered Upload-Offset {offset!r} to a PATCH at "
+                                         f"{self.offset}", code))
+        self.offset = int(offset)
 
 
 def run(job: Job, lease: Lease, limits: Limits, s: Settings) -> Outcome:

@@ -102,7 +102,7 @@ class StoreCollector:
 
         s, device = self.settings, self.settings.device
         try:
-            with pass_lock, store_for(s).tx() as conn:
+            with pass_lock, store_for(s).tx(read=True) as conn:
                 by_status = conn.execute(
                     sa.select(requests.c.app_id, requests.c.status, sa.func.count())
                     .where(requests.c.device == device, requests.c.removed.is_(False))

@@ -74,6 +74,10 @@ class Settings:
     connect_timeout: float = 30.0
     ca_bundle: str = ""  # empty: the system's trusted CAs
     max_redirects: int = 10
+    # uploads without form fields ask the server (OPTIONS) whether it speaks tus 1.0; if it does,
+    # an interrupted upload continues at the server's offset. Off: every upload is a plain POST,
+    # and servers see exactly what they saw before (no OPTIONS)
+    resumable_uploads: bool = False
     # refuse destinations that are not globally routable (private, loopback, link-local, ...),
     # checked on the address actually connected to: after DNS and at every redirect
     block_private_destinations: bool = False

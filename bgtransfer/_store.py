@@ -13,6 +13,7 @@ write by an attempt carries it, so a stale attempt can never write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -61,6 +62,7 @@ requests = sa.Table(
     sa.Column("total_bytes_to_send", sa.BigInteger),
     sa.Column("validator", sa.Text),  # ETag or Last-Modified of the bytes held
     sa.Column("degraded", sa.Text),  # why resume is impossible with this server, if it is
+    sa.Column("upload_url", sa.Text),  # a tus upload's own URL, stored before its first byte goes
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("not_before", sa.Float, nullable=False, default=0.0),
     # the device's conditions version this request was last decided under, and the verdict
@@ -145,7 +147,9 @@ _ADD_CHECKS = sa.text(  # rules 5-6 and the duplicates an add must refuse, in on
     " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed),"
     " (SELECT count(*) FROM bgt_requests WHERE device = :device AND NOT removed),"
     " (SELECT min(id) FROM bgt_requests WHERE app_id = :app AND NOT removed AND direction = 'download'"
-    " AND local_path = :path)")
+    " AND local_path = :path),"
+    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}),"  # whether a pass could admit anything
+    " (SELECT count(*) FROM bgt_app_turns WHERE device = :device AND app_id = :app)")
 _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index range
     "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
     "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version < :version")
@@ -165,6 +169,10 @@ _HEADS = {
         f" SELECT id FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
         " ORDER BY seq LIMIT :free) WHERE t.device = :device ORDER BY r.seq"),
 }
+_ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
+    "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
+    "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
+    "updated_at = :now WHERE id = :id RETURNING *").columns(headers=sa.JSON, form_fields=sa.JSON)
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
@@ -206,7 +214,10 @@ def _sqlite_engine(url: str) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("bgt_read"):
+            conn.exec_driver_sql("BEGIN")  # a reader takes a snapshot and never waits (WAL)
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # a writer takes the write lock at once
 
     return engine
 
@@ -217,6 +228,15 @@ def make_engine(url: str) -> Engine:
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+
+
+@dataclasses.dataclass
+class Pass:
+    """What an admission pass admitted: (request id, token) pairs to dispatch, and the row it
+    claimed for its caller to run, if it was asked to."""
+
+    picks: list[tuple[str, int]]
+    claimed: dict[str, Any] | None
 
 
 class Store:
@@ -241,8 +261,9 @@ class Store:
         return self.engine.dialect.name
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def tx(self, read: bool = False) -> Iterator[Connection]:
+        """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite."""
+        with self.engine.connect().execution_options(bgt_read=read) as conn, conn.begin():
             yield conn
 
     def close(self) -> None:
@@ -310,7 +331,7 @@ class Store:
         now = time.time()
         with self.tx() as conn:
             dev = self._lock_device(conn, row["device"])
-            exists, n_app, n_dev, target_of = conn.execute(_ADD_CHECKS, {
+            exists, n_app, n_dev, target_of, held, known_app = conn.execute(_ADD_CHECKS, {
                 "id": row["id"], "app": row["app_id"], "device": row["device"], "path": row["local_path"]}).one()
             if exists:
                 raise TransferError(f"request {row['id']} was already added")
@@ -331,13 +352,16 @@ class Store:
                 **row, "seq": dev["next_seq"], "phase": "queued", "status": TransferStatus.WAITING.value,
                 "created_at": now, "updated_at": now, **_verdict_values(d, dev["cond_version"], now),
             })
-            conn.execute(_FIRST_TURN, {"device": row["device"], "app": row["app_id"]})
+            if not known_app:
+                conn.execute(_FIRST_TURN, {"device": row["device"], "app": row["app_id"]})
             self._count_verdicts(conn, row["device"], {d: 1})
-            return self._pass(conn, row["device"], s, now, _DEVICE)  # the device row is locked already
+            if d.action != "admit" or held >= s.max_concurrent_per_device:
+                return []  # nothing a pass could start: the periodic pass reclaims what is stale
+            return self._pass(conn, row["device"], s, now, _DEVICE).picks  # the device row is locked already
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
-        with self.tx() as conn:
+        with self.tx(read=True) as conn:
             row = conn.execute(_GET, {"rid": request_id, "app": app_id}).mappings().first()
         return dict(row) if row else None
 
@@ -347,7 +371,7 @@ class Store:
             q = q.where(requests.c.app_id == app_id)
         if device is not None:
             q = q.where(requests.c.device == device)
-        with self.tx() as conn:
+        with self.tx(read=True) as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def _owned(self, conn: Connection, app_id: str, request_id: str) -> Mapping[str, Any]:
@@ -413,44 +437,53 @@ class Store:
         """
         now = time.time() if now is None else now
         with self.tx() as conn:
-            return self._pass(conn, device, s, now, _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE)
+            return self._pass(conn, device, s, now, _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE).picks
 
-    def _pass(self, conn: Connection, device: str, s: Settings, now: float,
-              lock: sa.TextClause) -> list[tuple[str, int]]:
+    def _pass(self, conn: Connection, device: str, s: Settings, now: float, lock: sa.TextClause,
+              claim_as: str | None = None) -> Pass:
         """The admission pass inside ``conn``'s transaction, which it commits; ``lock`` reads the
-        device row (and locks it, unless the transaction already holds it)."""
+        device row (and locks it, unless the transaction already holds it). With ``claim_as``
+        (an attempt's owner) its first pick is claimed for that owner at once, not dispatched."""
         p = {"device": device, "now": now, "free": s.max_concurrent_per_device, "hour": int(now // 3600)}
         read = [(_TALLY, p), (_HEADS[self.dialect], p)]
         dev, tally, heads, *day = self._batch(conn, [(lock, p), *read, *([(_DAY_USAGE, p)] if s.quotas else [])])
         held, n_expired, oldest_verdict = tally[0]
         stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
-        if not dev or n_expired or stale or _left_foreground(dev[0].conditions, now):
-            self._refresh(conn, device, s, now)
+        stored = dev[0].conditions if dev else {}
+        if not dev or n_expired or stale or _left_foreground(stored, now):
+            stored = self._refresh(conn, device, s, now)
             tally, heads = self._batch(conn, read)
             held = tally[0][0]
         free = s.max_concurrent_per_device - held
         if free <= 0 or not heads:
-            return []
+            return Pass([], None)
         over = policy.over_quota(dict(day[0]) if day else {}, s)
         if over:  # such an app's requests wait, saying why, until its older bytes leave the window
             self._batch(conn, [(_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
                                for app, reason in over.items()])
             heads = [h for h in heads if h.app_id not in over]
             if not heads:
-                return []
+                return Pass([], None)
         share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
                                   s.weights, heads[0].vnow or 0.0)
         token = {h.id: h.lease_token + 1 for h in heads}
         clocks = {**share.clocks, "": share.now}
         expires = now + s.dispatch_seconds
-        self._batch(conn, [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
-                    + [(_TURN, {"device": device, "app": app, "clock": c}) for app, c in clocks.items()],
-                    commit=True)
-        return [(rid, token[rid]) for rid in share.picked]
+        admits = [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
+        if claim_as is not None and admits:  # the first pick runs here: admitted and claimed at once
+            admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "owner": claim_as, "expires": now + s.lease_seconds,
+                                          "now": now})
+        results = self._batch(conn, admits + [(_TURN, {"device": device, "app": app, "clock": c})
+                                              for app, c in clocks.items()], commit=True)
+        picks = [(rid, token[rid]) for rid in share.picked]
+        if claim_as is None or not picks:
+            return Pass(picks, None)
+        return Pass(picks[1:], {**results[0][0]._asdict(), "conditions": _conditions(stored, now)})
 
-    def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> None:
+    def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> dict[str, Any]:
         """What an admission pass does before it can admit, when there is something to do:
-        create the device, note apps that left the foreground, reclaim expired leases, decide."""
+        create the device, note apps that left the foreground, reclaim expired leases, decide.
+        Returns the device's conditions as stored."""
         dev = self._lock_device(conn, device, durable=False)
         stored, version = dict(dev["conditions"]), dev["cond_version"]
         if _left_foreground(stored, now):  # a change of conditions too
@@ -468,6 +501,7 @@ class Store:
             conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
                                   "n": len(expired)})
         self._decide(conn, device, _conditions(stored, now), version, s, now)
+        return stored
 
     def _batch(self, conn: Connection, steps: list[tuple[sa.TextClause, Mapping[str, Any]]],
                commit: bool = False) -> list[list[Any]]:
@@ -518,12 +552,12 @@ class Store:
     def day_usage(self, device: str, now: float | None = None) -> dict[str, int]:
         """Bytes each app moved on ``device`` in the last 24 hours (by the hour)."""
         hour = int((time.time() if now is None else now) // 3600)
-        with self.tx() as conn:
+        with self.tx(read=True) as conn:
             return {app: int(n) for app, n in conn.execute(_DAY_USAGE, {"device": device, "hour": hour})}
 
     def running(self, device: str, app_id: str) -> tuple[int, int]:
         """How many transfers run now on ``device``, and how many of them are ``app_id``'s."""
-        with self.tx() as conn:
+        with self.tx(read=True) as conn:
             return tuple(conn.execute(_RUNNING_COUNTS, {"device": device, "app": app_id}).one())  # type: ignore[return-value]
 
     def heartbeat(self, request_id: str, token: int, lease_seconds: float, used: int = 0,
@@ -541,24 +575,39 @@ class Store:
 
     def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
-        now = time.time()
+        with self.tx() as conn:
+            return self._finish(conn, request_id, token, used, fields)
+
+    def finish_and_pass(self, request_id: str, token: int, s: Settings, claim_as: str | None, used: int = 0,
+                        **fields: Any) -> Pass:
+        """``finish``, then the admission pass for the slot it frees, in one transaction; with
+        ``claim_as`` the first request admitted is claimed for that owner, who runs it next."""
         with self.tx() as conn:
             row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
             if row is None:
                 raise LeaseLost(request_id)
-            if used:
-                conn.execute(_USED, {"device": row["device"], "app": row["app_id"], "hour": int(now // 3600),
-                                     "n": used})
-            if row["removed"]:
-                conn.execute(requests.delete().where(requests.c.id == request_id))
-                return {**row, "phase": "removed"}
-            if fields.get("phase") == "queued":
-                fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
-            if row["control"] == "pause" and fields.get("phase") != "done":
-                fields.update(phase="paused", status=TransferStatus.PAUSED.value,
-                              wait_reason="paused by the app", control=None)
-            _renew(conn, request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields})
-            return {**row, **fields}
+            self._lock_device(conn, row["device"])  # first, as every pass does: no lock-order deadlock
+            self._finish(conn, request_id, token, used, fields)
+            return self._pass(conn, row["device"], s, time.time(), _DEVICE, claim_as)
+
+    def _finish(self, conn: Connection, request_id: str, token: int, used: int,
+                fields: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
+        if row is None:
+            raise LeaseLost(request_id)
+        if used:
+            conn.execute(_USED, {"device": row["device"], "app": row["app_id"], "hour": int(now // 3600), "n": used})
+        if row["removed"]:
+            conn.execute(requests.delete().where(requests.c.id == request_id))
+            return {**row, "phase": "removed"}
+        if fields.get("phase") == "queued":
+            fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
+        if row["control"] == "pause" and fields.get("phase") != "done":
+            fields.update(phase="paused", status=TransferStatus.PAUSED.value,
+                          wait_reason="paused by the app", control=None)
+        _renew(conn, request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields})
+        return {**row, **fields}
 
 
 # An attempt's statements are built once: composing an UPDATE costs more than running it here.
@@ -638,7 +687,7 @@ def _admission_indexes_v2(conn: Connection) -> None:
     row; usage by the hour for the quotas."""
     meta.create_all(conn, tables=[usage])
     have = {c["name"] for c in sa.inspect(conn).get_columns("bgt_requests")}
-    for column in ("refresh_task TEXT", "url_expires FLOAT"):  # URL refresh
+    for column in ("refresh_task TEXT", "url_expires FLOAT", "upload_url TEXT"):  # URL refresh, tus
         if column.split()[0] not in have:
             conn.exec_driver_sql(f"ALTER TABLE bgt_requests ADD COLUMN {column}")
     conn.exec_driver_sql("DROP INDEX IF EXISTS bgt_requests_admissible")

@@ -5,6 +5,7 @@ Celery-free so it can be called from a task, a test or a benchmark alike.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from ._exceptions import LeaseLost, TransferError
 from ._models import TransferStatus
 from ._sandbox import delete_partial
 from ._settings import Settings
-from ._store import Store, to_request
+from ._store import Pass, Store, to_request
 
 log = logging.getLogger("bgtransfer.worker")
 
@@ -68,7 +69,7 @@ def job_from_row(row: dict[str, Any]) -> engine.Job:
         headers=dict(row["headers"]), direction=row["direction"], parts=parts,
         expected_sha256=row["expected_sha256"], validator=row["validator"],
         known_total=row["total_bytes_to_receive"], form_fields=row["form_fields"],
-        refreshable=row["refresh_task"] is not None,
+        refreshable=row["refresh_task"] is not None, upload_url=row["upload_url"],
     )
 
 
@@ -76,10 +77,22 @@ def job_from_row(row: dict[str, Any]) -> engine.Job:
 Refresher = Callable[[str, dict[str, Any]], Any]
 
 
-def run_attempt(store: Store, s: Settings, request_id: str, token: int,
-                refresher: Refresher | None = None) -> engine.Outcome | None:
-    """Claim the request with ``token`` and run one attempt; None if the wake-up was stale."""
-    row = store.claim(request_id, token, f"{socket.gethostname()}:{os.getpid()}", s)
+@dataclasses.dataclass
+class Attempt:
+    """An attempt's outcome, and the admission pass that ran when it gave its slot back (None
+    when it could not: its lease was lost)."""
+
+    out: engine.Outcome
+    after: Pass | None
+
+
+def run_attempt(store: Store, s: Settings, request_id: str, token: int, refresher: Refresher | None = None,
+                claim_next: bool = False, row: dict[str, Any] | None = None) -> Attempt | None:
+    """Claim the request with ``token`` (unless ``row`` is one already claimed) and run one
+    attempt; None if the wake-up was stale. With ``claim_next``, the pass that ends it claims
+    the next admitted request for this process too (``Attempt.after.claimed``)."""
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    row = row or store.claim(request_id, token, owner, s)
     if row is None:
         return None
     cond = row["conditions"]
@@ -112,12 +125,12 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int,
         # before the outcome is visible: no one may see a failed request with its partial file
         delete_partial(s, job.app_id, job.parts, request_id)
     try:
-        record_outcome(store, s, row, token, out, kind, error, used, changes)
+        after = record_outcome(store, s, row, token, out, kind, error, used, changes, owner if claim_next else None)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
-        return out
+        return Attempt(out, None)
     _metrics.observe(row, kind, out, time.monotonic() - started, time.time())
-    return out
+    return Attempt(out, after)
 
 
 def final_kind(row: dict[str, Any], out: engine.Outcome, s: Settings) -> tuple[str, str | None]:
@@ -148,12 +161,14 @@ def refresh(row: dict[str, Any], s: Settings, refresher: Refresher | None) -> tu
 
 
 def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome,
-                   kind: str, error: str | None, used: int = 0, changes: dict[str, Any] | None = None) -> None:
+                   kind: str, error: str | None, used: int = 0, changes: dict[str, Any] | None = None,
+                   claim_as: str | None = None) -> Pass | None:
     """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot
-    back, record the ``used`` bytes not yet counted against the app's quota, and apply ``changes``
-    (a refreshed URL)."""
+    back, record the ``used`` bytes not yet counted against the app's quota, apply ``changes``
+    (a refreshed URL), and run the admission pass for the freed slot, all in one transaction;
+    that pass, or None for a lost lease (nothing to give back)."""
     if kind == "lost":
-        return
+        raise LeaseLost(row["id"])
     now = time.time()
     down = row["direction"] == "download"
     fields: dict[str, Any] = {"status_code": out.status_code}
@@ -181,5 +196,6 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it
-    store.finish(row["id"], token, used, **fields)
+    after = store.finish_and_pass(row["id"], token, s, claim_as, used, **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")
+    return after

@@ -13,6 +13,11 @@ Typical use::
         ...  # run the client against srv.url("/a.bin")
         assert srv.bytes_sent("/a.bin") == len(data)
 
+``behave(path, tus=True)`` makes ``path`` a tus 1.0 creation endpoint (resumable uploads):
+uploads live in memory under ``path/<id>`` and answer HEAD, PATCH and DELETE; ``drop_after``
+and ``rate`` then apply to PATCH bodies, and :meth:`FileServer.tus_uploads` says which bytes
+each PATCH delivered, so a test can prove that no byte was sent twice.
+
 Standalone: ``python -m tests.httpserver --root DIR [--port P]`` serves DIR and
 prints its base URL on the first line of stdout.
 """
@@ -20,6 +25,7 @@ prints its base URL on the first line of stdout.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import email.parser
@@ -37,17 +43,19 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileServer", "RequestLog", "Upload"]
+__all__ = ["FileServer", "RequestLog", "TusUpload", "Upload"]
 
 HOST = "127.0.0.1"
 _FULL_SPEED_PIECE = 64 * 1024 * 1024  # per loop turn when unthrottled; the kernel splits it anyway
 _UPLOAD_PIECE = 256 * 1024
+TUS = "1.0.0"
 
 
 @dataclass
@@ -70,6 +78,7 @@ class RequestLog:
     ended: float | None = None
     completed: bool = False
     query: str = ""
+    answered: bool = False  # its last byte written (or its handler ended): no longer counted as concurrent
 
 
 @dataclass
@@ -83,6 +92,32 @@ class Upload:
     content_type: str
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+
+
+@dataclass
+class TusUpload:
+    """A tus upload held by the server: the bytes received so far, and what each PATCH gave.
+
+    ``patches`` is one (Upload-Offset, bytes received) per PATCH that was accepted, in order,
+    including the bytes of one cut short: they are kept, as a tus server keeps them.
+    """
+
+    path: str  # its URL path, "<endpoint>/<id>"
+    length: int
+    metadata: dict[str, str]
+    data: bytearray = field(default_factory=bytearray)
+    patches: list[tuple[int, int]] = field(default_factory=list)
+    gone: int | None = None  # the status it answers with once expired or terminated
+    busy: bool = False  # a PATCH is being received
+
+    @property
+    def received(self) -> int:
+        """PATCH body bytes received in total (equal to ``length`` when no byte came twice)."""
+        return sum(n for _, n in self.patches)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.data) == self.length
 
 
 @dataclass
@@ -105,6 +140,7 @@ class _Behaviour:
     expect_method: str | None = None
     post_download: bool = False
     signed: str | None = None  # the query a request must carry, like a presigned URL's signature
+    tus: bool = False  # a tus 1.0 creation endpoint; its uploads share this behaviour
 
 
 @dataclass(frozen=True)
@@ -368,6 +404,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- responses ----------------------------------------------------------
 
     def _respond(self, owner: FileServer, path: str, headers: dict[str, str], log: RequestLog) -> None:
+        root = owner._tus_root(path)
+        upload_path, path = path, root or path  # a tus upload behaves as its endpoint does
         b = owner._behaviour(path)
         method = self.command
         upload = method in ("POST", "PUT")
@@ -382,12 +420,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             refusal = status
         elif b.redirect_to is not None:
             refusal = (b.redirect_code, {"Location": b.redirect_to})
-        if has_body and (refusal is not None or not upload):
+        if has_body and (refusal is not None or not (upload or b.tus)):
             # Drain bodies we will not use: closing with unread input would reset the connection
             # and could destroy the answer before the client reads it.
             self._read_body(owner, path)
         if refusal is not None:
             self._simple(*refusal)
+            return
+        if b.tus:
+            self._tus(owner, path, upload_path, headers, has_body)
             return
 
         if upload:
@@ -418,6 +459,80 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self._serve(owner, path, headers, entry, b, log, allow_drop=method == "GET")
 
+    def _tus(self, owner: FileServer, root: str, path: str, headers: dict[str, str], has_body: bool) -> None:
+        """tus 1.0 core with the creation and termination extensions, uploads held in memory."""
+        method = self.command
+        tus = {"Tus-Resumable": TUS}
+        if method == "OPTIONS":
+            self._simple(204, {**tus, "Tus-Version": TUS, "Tus-Extension": "creation,termination"}, b"")
+            return
+        upload = owner._tus_upload(path) if path != root else None
+        refusal: tuple[int, dict[str, str]] | None = None
+        if headers.get("tus-resumable") != TUS:
+            refusal = (412, {"Tus-Version": TUS})
+        elif path == root:
+            length = headers.get("upload-length", "")
+            if method != "POST":
+                refusal = (405, {"Allow": "POST, OPTIONS"})
+            elif not length.isdigit() or has_body and headers.get("content-length", "0") != "0":
+                refusal = (400, {})  # no Upload-Length, or creation-with-upload (not offered)
+            else:
+                upload = owner._tus_create(root, int(length), headers.get("upload-metadata", ""))
+                self._simple(201, {**tus, "Location": upload.path}, b"")
+                return
+        elif upload is None or upload.gone is not None:
+            refusal = (upload.gone if upload is not None and upload.gone else 404, {})
+        elif method == "HEAD":
+            self._simple(200, {**tus, "Upload-Offset": str(len(upload.data)), "Upload-Length": str(upload.length),
+                               "Cache-Control": "no-store"}, b"")
+            return
+        elif method == "DELETE":
+            owner.tus_expire(path)
+            refusal = (204, {})
+        elif method != "PATCH":
+            refusal = (405, {"Allow": "HEAD, PATCH, DELETE, OPTIONS"})
+        elif headers.get("content-type") != "application/offset+octet-stream":
+            refusal = (415, {})
+        else:
+            refusal = self._tus_patch(owner, root, upload, headers)
+        if refusal is not None:
+            if has_body:
+                self._read_body(owner, root)
+            self._simple(refusal[0], {**tus, **refusal[1]}, b"" if refusal[0] == 204 else None)
+
+    def _tus_patch(self, owner: FileServer, root: str, upload: TusUpload,
+                   headers: dict[str, str]) -> tuple[int, dict[str, str]] | None:
+        """Receive a PATCH body into ``upload`` as it arrives; a refusal, or None once answered."""
+        offset, count = headers.get("upload-offset", ""), headers.get("content-length", "")
+        with owner._lock:
+            if not offset.isdigit() or not count.isdigit():
+                return 400, {}
+            if upload.busy:
+                return 423, {}
+            if int(offset) != len(upload.data):
+                return 409, {}
+            if int(offset) + int(count) > upload.length:
+                return 413, {}
+            upload.busy = True
+            index = len(upload.patches)
+            upload.patches.append((int(offset), 0))
+
+        def sink(data: bytes) -> None:
+            with owner._lock:
+                upload.data += data
+                upload.patches[index] = (int(offset), upload.patches[index][1] + len(data))
+
+        try:
+            drop_at = owner._take_drop(root)
+            self._read_body(owner, root, limit=drop_at, paced=True, sink=sink)
+            if drop_at is not None:
+                raise _Drop
+        finally:
+            with owner._lock:
+                upload.busy = False
+        self._simple(204, {"Tus-Resumable": TUS, "Upload-Offset": str(len(upload.data))}, b"")
+        return None
+
     def _simple(self, code: int, headers: Mapping[str, str] | None = None, body: bytes | None = None) -> None:
         """Answer with a tiny body (not counted in body_bytes_sent)."""
         headers = dict(headers or {})
@@ -436,6 +551,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         assert self._log is not None
         self._log.completed = True
+        self.server.owner._answered(self._log)
 
     def _serve(
         self,
@@ -501,6 +617,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             log.completed = True
+            owner._answered(log)
             return
 
         drop_at = owner._take_drop(path) if allow_drop else None
@@ -508,6 +625,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             drop_at = min(drop_at, length)
         self._send_body(owner, path, body, start, length, log, chunked, drop_at, b)
         log.completed = True
+        owner._answered(log)
         if b.extra_bytes:
             self.connection.sendall(b"X" * b.extra_bytes)
         if b.lie_length is not None or b.extra_bytes:
@@ -558,8 +676,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- request bodies -------------------------------------------------------
 
-    def _read_body(self, owner: FileServer, path: str, limit: int | None = None, paced: bool = False) -> bytes:
-        """Read a Content-Length or chunked request body, optionally throttled, stopping at ``limit`` bytes."""
+    def _read_body(self, owner: FileServer, path: str, limit: int | None = None, paced: bool = False,
+                   sink: Callable[[bytes], None] | None = None) -> bytes:
+        """Read a Content-Length or chunked request body, optionally throttled, stopping at ``limit`` bytes;
+        with a ``sink``, each piece goes there as it arrives (and b"" is returned)."""
         parts: list[bytes] = []
         got = 0
         pacer = _Pacer(owner, path) if paced else None
@@ -575,9 +695,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if pacer:
                     pacer.wait(n)
                 data = self.rfile.read(n)
+                if sink is not None:
+                    sink(data)  # what arrived before a client went away counts, too
+                else:
+                    parts.append(data)
                 if len(data) < n:
                     raise ConnectionAbortedError("client closed during request body")
-                parts.append(data)
                 got += n
                 count -= n
             return True
@@ -618,7 +741,9 @@ class FileServer:
         self._behaviours: dict[str, _Behaviour] = {}
         self._requests: list[RequestLog] = []
         self._uploads: list[Upload] = []
-        self._in_flight = 0
+        self._tus: dict[str, TusUpload] = {}  # by upload path, in creation order
+        self._in_flight = 0  # from arrival until the handler ends
+        self._answering = 0  # from arrival until the answer's last byte is written
         self._max_concurrent = 0
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -740,10 +865,13 @@ class FileServer:
         expect_method: str | None = None,
         post_download: bool = False,
         signed: str | None = None,
+        tus: bool = False,
     ) -> None:
         """Replace the behaviour of ``path``; with no options the path behaves normally again.
 
-        A new ``rate`` takes effect on responses already in flight (within ~0.1 s).
+        A new ``rate`` takes effect on responses already in flight (within ~0.1 s). With ``tus`` the
+        path is a tus creation endpoint, and the other options apply to its uploads' requests too
+        (``drop_after`` and ``rate`` to PATCH bodies).
         """
         b = _Behaviour(
             no_content_length=no_content_length,
@@ -762,6 +890,7 @@ class FileServer:
             expect_method=expect_method,
             post_download=post_download,
             signed=signed,
+            tus=tus,
         )
         path = _norm(path)
         with self._lock:
@@ -792,6 +921,42 @@ class FileServer:
             if b is None or not b.status_sequence:
                 return None
             return b.status_sequence.pop(0)
+
+    def _tus_root(self, path: str) -> str | None:
+        """The tus endpoint that ``path`` is, or holds an upload of; None for any other path."""
+        with self._lock:
+            for candidate in (path, path.rsplit("/", 1)[0]):
+                b = self._behaviours.get(candidate)
+                if b is not None and b.tus:
+                    return candidate
+        return None
+
+    def _tus_create(self, root: str, length: int, metadata: str) -> TusUpload:
+        meta: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in metadata.split(","))):
+            key, _, value = pair.partition(" ")
+            meta[key] = base64.b64decode(value).decode("utf-8", "replace")
+        upload = TusUpload(f"{root}/{uuid.uuid4().hex[:12]}", length, meta)
+        with self._lock:
+            self._tus[upload.path] = upload
+        return upload
+
+    def _tus_upload(self, path: str) -> TusUpload | None:
+        with self._lock:
+            return self._tus.get(path)
+
+    def tus_uploads(self, endpoint: str | None = None) -> list[TusUpload]:
+        """Copies of the tus uploads made (under ``endpoint``, if given), in creation order."""
+        prefix = _norm(endpoint).rstrip("/") + "/" if endpoint is not None else "/"
+        with self._lock:
+            return [replace(u, data=bytearray(u.data), patches=list(u.patches), metadata=dict(u.metadata))
+                    for path, u in self._tus.items() if path.startswith(prefix)]
+
+    def tus_expire(self, upload: str, status: int = 404) -> None:
+        """Forget a tus upload (a path or URL): from now on its requests are answered ``status``."""
+        path = _request_path(upload)
+        with self._lock:
+            self._tus[path].gone = status
 
     def _take_drop(self, path: str) -> int | None:
         with self._lock:
@@ -829,7 +994,10 @@ class FileServer:
 
     @property
     def max_concurrent(self) -> int:
-        """Most requests in flight at once since start or the last reset_stats()."""
+        """Most requests being answered at once since start or the last reset_stats(): from
+        arrival until the answer's last byte is written. (A client can read that byte and start
+        its next request before this server's thread ends the first, so counting to the end of
+        the handler would see a client's back-to-back requests as concurrent.)"""
         with self._lock:
             return self._max_concurrent
 
@@ -848,18 +1016,26 @@ class FileServer:
         with self._lock:
             self._requests.clear()
             self._uploads.clear()
-            self._max_concurrent = self._in_flight
+            self._max_concurrent = self._answering
 
     def _begin(self, log: RequestLog) -> None:
         with self._lock:
             self._requests.append(log)
             self._in_flight += 1
-            self._max_concurrent = max(self._max_concurrent, self._in_flight)
+            self._answering += 1
+            self._max_concurrent = max(self._max_concurrent, self._answering)
 
     def _end(self, log: RequestLog) -> None:
         with self._lock:
             log.ended = time.monotonic()
             self._in_flight -= 1
+        self._answered(log)
+
+    def _answered(self, log: RequestLog) -> None:
+        with self._lock:
+            if not log.answered:
+                log.answered = True
+                self._answering -= 1
 
     def _record_upload(self, upload: Upload) -> None:
         with self._lock:

@@ -552,6 +552,108 @@ def test_post_download(srv: FileServer) -> None:
     assert (r.status, r.body) == (206, data[100:])
 
 
+# -- tus resumable uploads -----------------------------------------------------------
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_call(srv: FileServer, method: str, path: str, headers: dict[str, str] | None = None,
+             body: bytes | None = None) -> http.client.HTTPResponse:
+    """One request on a fresh connection; the response, read."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp
+
+
+def tus_patch(srv: FileServer, path: str, offset: int, data: bytes) -> http.client.HTTPResponse:
+    return tus_call(srv, "PATCH", path, {**TUS, "Upload-Offset": str(offset),
+                                         "Content-Type": "application/offset+octet-stream"}, data)
+
+
+def tus_create(srv: FileServer, endpoint: str, length: int, metadata: str = "") -> str:
+    resp = tus_call(srv, "POST", endpoint, {**TUS, "Upload-Length": str(length), "Upload-Metadata": metadata})
+    assert resp.status == 201 and resp.getheader("Tus-Resumable") == "1.0.0"
+    return resp.getheader("Location")
+
+
+def test_tus_discovery_creation_head_and_patch(srv: FileServer) -> None:
+    srv.behave("/files", tus=True)
+    opts = tus_call(srv, "OPTIONS", "/files")
+    assert opts.status == 204 and opts.getheader("Tus-Version") == "1.0.0"
+    assert "creation" in opts.getheader("Tus-Extension")
+    refused = tus_call(srv, "POST", "/files", {"Upload-Length": "10"}, b"not tus")  # no Tus-Resumable
+    assert refused.status == 412 and refused.getheader("Tus-Version") == "1.0.0"
+    assert tus_call(srv, "POST", "/files", TUS).status == 400  # no Upload-Length
+    assert srv.uploads == [] and srv.tus_uploads() == []
+
+    data = payload(10_000)
+    location = tus_create(srv, "/files", len(data), "filename cGljLmpwZw==,empty ")
+    assert location.startswith("/files/")  # a relative reference, resolved by the client
+    head = tus_call(srv, "HEAD", location, TUS)
+    assert head.status == 200 and head.getheader("Upload-Offset") == "0"
+    assert (head.getheader("Upload-Length"), head.getheader("Cache-Control")) == ("10000", "no-store")
+    bad_type = tus_call(srv, "PATCH", location, {**TUS, "Upload-Offset": "0", "Content-Type": "x/y"}, data)
+    assert bad_type.status == 415
+    assert tus_patch(srv, location, 5, data[5:]).status == 409  # not the server's offset
+    first = tus_patch(srv, location, 0, data[:4000])
+    assert first.status == 204 and first.getheader("Upload-Offset") == "4000"
+    assert tus_patch(srv, location, 4000, data[4000:] + b"x").status == 413  # past Upload-Length
+    assert tus_patch(srv, location, 4000, data[4000:]).getheader("Upload-Offset") == "10000"
+    (up,) = srv.tus_uploads("/files")
+    assert (up.path, up.length, up.metadata) == (location, len(data), {"filename": "pic.jpg", "empty": ""})
+    assert up.data == data and up.complete and up.patches == [(0, 4000), (4000, 6000)] and up.received == len(data)
+    assert tus_call(srv, "GET", location, TUS).status == 405
+    assert tus_call(srv, "HEAD", "/files/nonesuch", TUS).status == 404
+
+
+def test_tus_drop_after_keeps_what_arrived(srv: FileServer) -> None:
+    data = payload(500_000)
+    srv.behave("/t", tus=True, drop_after=123_456)
+    location = tus_create(srv, "/t", len(data))
+    with pytest.raises((http.client.HTTPException, OSError)):
+        tus_patch(srv, location, 0, data)
+    assert srv.wait_idle()
+    assert tus_call(srv, "HEAD", location, TUS).getheader("Upload-Offset") == "123456"
+    assert tus_patch(srv, location, 123_456, data[123_456:]).status == 204  # one drop only
+    (up,) = srv.tus_uploads()
+    assert up.data == data and up.patches == [(0, 123_456), (123_456, len(data) - 123_456)]
+    assert [r.method for r in srv.requests_for(location)] == ["PATCH", "HEAD", "PATCH"]
+
+
+def test_tus_client_abort_keeps_what_arrived(srv: FileServer) -> None:
+    """A PATCH whose client goes away keeps the bytes that arrived, as tus servers do."""
+    data = payload(400_000)
+    srv.behave("/t", tus=True)
+    location = tus_create(srv, "/t", len(data))
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+                  f"Content-Type: application/offset+octet-stream\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                  + data[:150_000])
+    deadline = time.monotonic() + 5  # the server may not have begun when the client is gone already
+    while not any(r.ended for r in srv.requests_for(location)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tus_call(srv, "HEAD", location, TUS).getheader("Upload-Offset") == "150000"
+    assert tus_patch(srv, location, 150_000, data[150_000:]).status == 204
+    (up,) = srv.tus_uploads()
+    assert up.data == data and up.patches == [(0, 150_000), (150_000, 250_000)]
+
+
+def test_tus_expiry_termination_and_status_sequence(srv: FileServer) -> None:
+    srv.behave("/t", tus=True, status_sequence=[(503, {"Retry-After": "1"})])
+    assert tus_call(srv, "OPTIONS", "/t").status == 503  # the endpoint's failures reach every tus request
+    a, b = tus_create(srv, "/t", 10), tus_create(srv, "/t", 10)
+    srv.tus_expire(a, status=410)
+    assert tus_call(srv, "HEAD", a, TUS).status == 410
+    assert tus_patch(srv, a, 0, b"0123456789").status == 410
+    assert tus_call(srv, "DELETE", b, TUS).status == 204
+    assert tus_call(srv, "HEAD", b, TUS).status == 404
+    assert [u.gone for u in srv.tus_uploads()] == [410, 404]
+    assert tus_call(srv, "OPTIONS", "/other").status == 405  # paths without tus are as before
+
+
 # -- concurrency and lifecycle -------------------------------------------------------
 
 

@@ -213,3 +213,4 @@ def test_an_app_over_its_daily_quota_waits_and_says_why(env) -> None:
     assert store.day_usage(dep.device, now=time.time() + 25 * 3600) == {}  # a day later it is free again
     more = dataclasses.replace(s, max_daily_bytes_per_app=2000)
     assert [r for r, _ in store.promote(dep.device, more)] == [a2]
+
