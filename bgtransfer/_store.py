@@ -121,6 +121,7 @@ usage = sa.Table(  # bytes moved per app and hour, for the rolling-day quotas (t
 schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
 
 ACTIVE = ("admitted", "running")
+_CONDITION_WAITS = [st.value for st in TransferStatus if st.name.startswith("WAITING_FOR")]  # set only by verdicts
 
 # The admission pass runs at every start and end of a transfer: its statements are plain SQL
 # (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
@@ -529,7 +530,12 @@ class Store:
             groups.setdefault(_verdict(row, cond, s), []).append(row["id"])
         self._count_verdicts(conn, device, {d: len(ids) for d, ids in groups.items()})
         for d, ids in groups.items():
-            conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**_verdict_values(d, version, now)))
+            values = _verdict_values(d, version, now)
+            if d.action == "admit":  # a wait for conditions that now hold is over; a retry's reason stays
+                waiting_for = requests.c.status.in_(_CONDITION_WAITS)
+                values["status"] = sa.case((waiting_for, TransferStatus.WAITING.value), else_=requests.c.status)
+                values["wait_reason"] = sa.case((waiting_for, None), else_=requests.c.wait_reason)
+            conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**values))
 
     def _count_verdicts(self, conn: Connection, device: str, counts: Mapping[policy.Decision, int]) -> None:
         if counts:

@@ -214,3 +214,14 @@ def test_an_app_over_its_daily_quota_waits_and_says_why(env) -> None:
     more = dataclasses.replace(s, max_daily_bytes_per_app=2000)
     assert [r for r, _ in store.promote(dep.device, more)] == [a2]
 
+
+
+def test_a_wait_for_conditions_ends_when_they_hold_even_before_a_slot_is_free(env) -> None:
+    store, s, dep = env
+    store.set_conditions(dep.device, {"network": "cellular"})
+    (rid,) = add(store, s, "a", 1, dep.device)
+    assert store.get(rid)["status"] == TransferStatus.WAITING_FOR_WIFI.value
+    store.set_conditions(dep.device, {"network": "wifi"})
+    assert store.promote(dep.device, dataclasses.replace(s, max_concurrent_per_device=0)) == []  # no slot
+    row = store.get(rid)
+    assert row["admissible"] and row["status"] == TransferStatus.WAITING.value and row["wait_reason"] is None
