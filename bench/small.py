@@ -126,12 +126,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import plaintask  # noqa: E402
+from bench._services import AMQP_URL, rabbitmq_unreachable  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
 from bgtransfer._settings import Settings, load  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
 PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-AMQP_URL = os.environ.get("BGTRANSFER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_BASE = "redis://127.0.0.1:6379"
 REDIS_DBS = (13, 12, 11, 10, 14, 15)  # tests use 0; the first empty one of these is taken
 BACKENDS = ("embedded", "rabbitmq+postgresql", "redis+postgresql")
@@ -360,11 +360,8 @@ def open_backend(name: str, tmp: Path, stack: contextlib.ExitStack) -> Backend:
     if name == "rabbitmq+postgresql":
         from kombu import Connection
 
-        try:
-            with Connection(AMQP_URL, connect_timeout=5) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:
-            raise BenchError(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}") from exc
+        if why := rabbitmq_unreachable():
+            raise BenchError(why)
         b.env["BGTRANSFER_BROKER_URL"] = AMQP_URL
 
         def delete_queues() -> None:

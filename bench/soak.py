@@ -78,11 +78,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._services import AMQP_URL, rabbitmq_unreachable  # noqa: E402
 from tests.workerproc import FAST as WORKER_FAST  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
 PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-AMQP_URL = os.environ.get("BGTRANSFER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
 MB = 1_000_000
 SMALL_BYTES = 4096
@@ -285,11 +285,8 @@ class Soak:
     def use_rabbitmq(self, stack: contextlib.ExitStack) -> None:
         from kombu import Connection
 
-        try:
-            with Connection(AMQP_URL, connect_timeout=5) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:
-            raise SoakError(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}") from exc
+        if why := rabbitmq_unreachable():
+            raise SoakError(why)
         self.env["BGTRANSFER_BROKER_URL"] = AMQP_URL
 
         def delete_queue() -> None:

@@ -584,17 +584,15 @@ class Store:
         with self.tx() as conn:
             return self._finish(conn, request_id, token, used, fields)
 
-    def finish_and_pass(self, request_id: str, token: int, s: Settings, claim_as: str | None, used: int = 0,
-                        **fields: Any) -> Pass:
-        """``finish``, then the admission pass for the slot it frees, in one transaction; with
-        ``claim_as`` the first request admitted is claimed for that owner, who runs it next."""
+    def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
+                        used: int = 0, **fields: Any) -> Pass:
+        """``finish``, then the admission pass for the slot it frees on ``device`` (the request's),
+        in one transaction; with ``claim_as`` the first request admitted is claimed for that
+        owner, who runs it next."""
         with self.tx() as conn:
-            row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
-            if row is None:
-                raise LeaseLost(request_id)
-            self._lock_device(conn, row["device"])  # first, as every pass does: no lock-order deadlock
+            self._lock_device(conn, device)  # first, as every pass does: no lock-order deadlock
             self._finish(conn, request_id, token, used, fields)
-            return self._pass(conn, row["device"], s, time.time(), _DEVICE, claim_as)
+            return self._pass(conn, device, s, time.time(), _DEVICE, claim_as)
 
     def _finish(self, conn: Connection, request_id: str, token: int, used: int,
                 fields: dict[str, Any]) -> dict[str, Any]:

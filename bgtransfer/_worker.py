@@ -196,6 +196,6 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it
-    after = store.finish_and_pass(row["id"], token, s, claim_as, used, **fields)
+    after = store.finish_and_pass(row["id"], token, row["device"], s, claim_as, used, **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")
     return after
