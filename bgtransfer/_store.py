@@ -120,7 +120,6 @@ usage = sa.Table(  # bytes moved per app and hour, for the rolling-day quotas (t
 )
 schema = sa.Table("bgt_schema", meta, sa.Column("version", sa.Integer, nullable=False))
 
-ACTIVE = ("admitted", "running")
 _CONDITION_WAITS = [st.value for st in TransferStatus if st.name.startswith("WAITING_FOR")]  # set only by verdicts
 
 # The admission pass runs at every start and end of a transfer: its statements are plain SQL
