@@ -12,12 +12,16 @@ write by an attempt carries it, so a stale attempt can never write.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import fcntl
 import functools
+import json
 import os
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,7 +34,7 @@ from ._exceptions import LeaseLost, QuotaExceededError, TransferError
 from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
 from ._settings import Settings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 meta = sa.MetaData()
 
 requests = sa.Table(
@@ -96,6 +100,7 @@ devices = sa.Table(
     sa.Column("next_seq", sa.BigInteger, nullable=False, default=1),
     sa.Column("conditions", sa.JSON, nullable=False),
     sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
+    sa.Column("live", sa.BigInteger, nullable=False, default=0),  # its requests not removed (rule 6)
 )
 app_turns = sa.Table(  # fair-share memory: each app's virtual clock on a device (policy.fair_share);
     "bgt_app_turns", meta,  # the row of app '' (no app's id) holds the device's virtual time
@@ -124,15 +129,14 @@ _CONDITION_WAITS = [st.value for st in TransferStatus if st.name.startswith("WAI
 
 # The admission pass runs at every start and end of a transfer: its statements are plain SQL
 # (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
-_DEVICE_SQL = "SELECT name, next_seq, conditions, cond_version FROM bgt_devices WHERE name = :device"
-_DEVICE = sa.text(_DEVICE_SQL).columns(conditions=sa.JSON)
-_DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE").columns(conditions=sa.JSON)
+_DEVICE_SQL = "SELECT name, next_seq, conditions, cond_version, live FROM bgt_devices WHERE name = :device"
+_DEVICE = sa.text(_DEVICE_SQL)
+_DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE")
 # PostgreSQL: the pass's commit need not wait for its WAL flush. What a crash could lose of it
 # (verdicts, admissions, reclaims) is recomputed by the next pass, and a lost admission's token
 # is fenced out; so the pass turns that wait off for its own transaction, in its first statement.
 _DEVICE_PASS = sa.text(
-    "SELECT set_config('synchronous_commit', 'off', true), " + _DEVICE_SQL[len("SELECT "):] + " FOR UPDATE"
-).columns(conditions=sa.JSON)
+    "SELECT set_config('synchronous_commit', 'off', true), " + _DEVICE_SQL[len("SELECT "):] + " FOR UPDATE")
 _HELD = "device = :device AND phase IN ('admitted', 'running')"
 _TALLY = sa.text(  # read after the device lock, so no other pass can change them meanwhile
     f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"
@@ -142,37 +146,42 @@ _TALLY = sa.text(  # read after the device lock, so no other pass can change the
     " AS oldest_verdict")  # one step down the undecided index: older than the conditions means stale
 _EXPIRED = sa.text(
     f"SELECT id, removed FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now)")
-_ADD_CHECKS = sa.text(  # rules 5-6 and the duplicates an add must refuse, in one read
-    "SELECT (SELECT count(*) FROM bgt_requests WHERE id = :id),"
-    " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed),"
-    " (SELECT count(*) FROM bgt_requests WHERE device = :device AND NOT removed),"
+_ADD_CHECKS = sa.text(  # rule 5 and the duplicates an add must refuse, in one read
+    "SELECT (SELECT count(*) FROM bgt_requests WHERE id = :id) AS exists_,"
+    " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed) AS n_app,"
     " (SELECT min(id) FROM bgt_requests WHERE app_id = :app AND NOT removed AND direction = 'download'"
-    " AND local_path = :path),"
-    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}),"  # whether a pass could admit anything
-    " (SELECT count(*) FROM bgt_app_turns WHERE device = :device AND app_id = :app)")
+    " AND local_path = :path) AS target_of,"
+    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"  # whether a pass could admit anything
+    " (SELECT count(*) FROM bgt_app_turns WHERE device = :device AND app_id = :app) AS known_app")
 _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index range
     "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
     "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version < :version")
-# The first `free` admissible requests of each app with the app's last turn, in arrival order:
-# each app's range of the heads index is walked for `free` rows, whatever the queue's length.
-# PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN list per app the
-# same way (PostgreSQL would instead test that list against every queued row).
+# The first `free` admissible requests of each of the `free` apps whose turn comes first (the
+# lowest clock, not below the device's virtual time; ties: the earliest head): no other app can
+# get one of `free` turns (policy.fair_share), so a pass reads at most free * free rows, whatever
+# the number of apps or the queue's length. Each app's range of the heads index is walked only
+# to its first rows. PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN
+# list per app the same way (PostgreSQL would instead test that list against every queued row).
 _QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
-_NOW = "(SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = '') AS vnow"
+_NEXT = f"SELECT {{cols}} FROM bgt_requests WHERE device = :device AND app_id = t.app_id AND {_QUEUED} ORDER BY seq"
+_TURNS = (  # the apps whose turn comes first, with their clocks and the device's virtual time
+    "(SELECT app_id, clock, vnow FROM (SELECT app_id, clock, ({now}) AS vnow, ({head} LIMIT 1) AS head"
+    " FROM bgt_app_turns t WHERE device = :device) a WHERE head IS NOT NULL"
+    " ORDER BY {greatest}(clock, coalesce(vnow, 0)), head LIMIT :apps) t").format(
+    now="SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''",
+    head=_NEXT.format(cols="seq"), greatest="{greatest}")
 _HEADS = {
     "postgresql": sa.text(
-        f"SELECT r.id, t.app_id, r.lease_token, t.clock, {_NOW} FROM bgt_app_turns t CROSS JOIN LATERAL ("
-        f" SELECT id, lease_token, seq FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
-        " ORDER BY seq LIMIT :free) r WHERE t.device = :device ORDER BY r.seq"),
+        f"SELECT r.id, t.app_id, r.lease_token, t.clock, t.vnow FROM {_TURNS.format(greatest='greatest')}"
+        f" CROSS JOIN LATERAL ({_NEXT.format(cols='id, lease_token, seq')} LIMIT :free) r ORDER BY r.seq"),
     "sqlite": sa.text(
-        f"SELECT r.id, t.app_id, r.lease_token, t.clock, {_NOW} FROM bgt_app_turns t JOIN bgt_requests r ON r.id IN ("
-        f" SELECT id FROM bgt_requests WHERE device = t.device AND app_id = t.app_id AND {_QUEUED}"
-        " ORDER BY seq LIMIT :free) WHERE t.device = :device ORDER BY r.seq"),
+        f"SELECT r.id, t.app_id, r.lease_token, t.clock, t.vnow FROM {_TURNS.format(greatest='max')}"
+        f" JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
 }
 _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
-    "updated_at = :now WHERE id = :id RETURNING *").columns(headers=sa.JSON, form_fields=sa.JSON)
+    "updated_at = :now WHERE id = :id RETURNING *")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
@@ -183,12 +192,13 @@ _USED = sa.text(
     "INSERT INTO bgt_usage (device, app_id, hour, bytes) VALUES (:device, :app, :hour, :n) "
     "ON CONFLICT (device, app_id, hour) DO UPDATE SET bytes = bgt_usage.bytes + :n")
 _DAY_USAGE = sa.text(
-    "SELECT app_id, sum(bytes) FROM bgt_usage WHERE device = :device AND hour > :hour - 24 GROUP BY app_id")
+    "SELECT app_id, sum(bytes) AS bytes FROM bgt_usage WHERE device = :device AND hour > :hour - 24 GROUP BY app_id")
 _QUOTA_WAIT = sa.text(  # shown on what an app over its quota has waiting (once: the status sticks)
     "UPDATE bgt_requests SET status = 'WAITING', wait_reason = :reason, updated_at = :now "
     "WHERE device = :device AND app_id = :app AND phase = 'queued' AND admissible "
     "AND (wait_reason IS NULL OR wait_reason <> :reason)")
-_NEXT_SEQ = sa.text("UPDATE bgt_devices SET next_seq = :seq WHERE name = :device")
+_ADDED = sa.text("UPDATE bgt_devices SET next_seq = next_seq + 1, live = live + 1 WHERE name = :device")
+_GONE = sa.text("UPDATE bgt_devices SET live = live - 1 WHERE name = :device")
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
     sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
@@ -222,6 +232,36 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+class WriterTurns:
+    """Writers to one SQLite file take turns through a POSIX lock on a file beside it, held from
+    before ``BEGIN IMMEDIATE`` until after ``COMMIT``. SQLite's own busy handler waits by sleeping
+    (up to 100 ms at a time, whether or not the lock is free meanwhile); a process blocked on
+    this lock wakes as soon as it is released. The lock belongs to the process (a forked child
+    opens its own) and ends with it, so a killed writer cannot leave it held. It only orders
+    writers that would otherwise wait on SQLite: SQLite's own locking still keeps them apart.
+    One per file and process (``writer_turns``), as POSIX locks do not tell a process's
+    descriptors apart either: its descriptor stays open while the process lives."""
+
+    def __init__(self, db_path: str) -> None:
+        self.fd = os.open(db_path + ".writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.threads = threading.Lock()  # a POSIX lock does not tell a process's threads apart
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self.threads:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+@functools.cache
+def writer_turns(db_path: str, pid: int) -> WriterTurns:
+    """The turns of this process (``pid``: a forked child gets its own) at the SQLite file ``db_path``."""
+    return WriterTurns(db_path)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
@@ -246,6 +286,7 @@ class Store:
         self.url = url
         self._pid = -1
         self._engine: Engine | None = None
+        self._turns: WriterTurns | None = None
         self.migrate()
 
     @property
@@ -254,6 +295,8 @@ class Store:
             if self._engine is not None:
                 self._engine.dispose(close=False)
             self._engine, self._pid = make_engine(self.url), os.getpid()
+            path = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
+            self._turns = writer_turns(os.path.abspath(path), self._pid) if path and path != ":memory:" else None
         return self._engine
 
     @property
@@ -263,13 +306,15 @@ class Store:
     @contextlib.contextmanager
     def tx(self, read: bool = False) -> Iterator[Connection]:
         """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite."""
-        with self.engine.connect().execution_options(bgt_read=read) as conn, conn.begin():
+        engine = self.engine
+        turn = self._turns.turn() if self._turns and not read else contextlib.nullcontext()
+        with turn, engine.connect().execution_options(bgt_read=read) as conn, conn.begin():
             yield conn
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
-            self._engine = None
+            self._engine, self._pid = None, -1
 
     # ------------------------------------------------------------------ schema
     def migrate(self) -> None:
@@ -289,36 +334,41 @@ class Store:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
     # ------------------------------------------------------------------ devices
-    def _lock_device(self, conn: Connection, device: str, durable: bool = True) -> Mapping[str, Any]:
-        """The device row, locked until the transaction ends (created on first use). A transaction
+    def _lock(self, durable: bool = True) -> sa.TextClause:
+        """The statement that reads a device's row and locks it until the transaction ends; one
         that is not ``durable`` does not wait for PostgreSQL's WAL flush when it commits."""
-        q = _DEVICE_FOR_UPDATE if durable else _DEVICE_PASS
         if self.dialect != "postgresql":
-            q = _DEVICE  # BEGIN IMMEDIATE already holds the database's write lock
-        row = conn.execute(q, {"device": device}).mappings().first()
-        if row is None:
+            return _DEVICE  # BEGIN IMMEDIATE already holds the database's write lock
+        return _DEVICE_FOR_UPDATE if durable else _DEVICE_PASS
+
+    def _lock_device(self, conn: Connection, device: str, durable: bool = True,
+                     then: list[Step] | None = None) -> tuple[Any, list[list[Any]]]:
+        """The device row, locked (created on first use), and the rows of the steps ``then`` run
+        after it in the same round trip."""
+        rows, *more = self._batch(conn, [(self._lock(durable), {"device": device}), *(then or [])])
+        if not rows:
             conn.execute(self._insert(devices).values(
                 name=device, next_seq=1, conditions={}, cond_version=0).on_conflict_do_nothing())
-            row = conn.execute(q, {"device": device}).mappings().one()
-        return row
+            return self._lock_device(conn, device, durable, then)
+        return rows[0], more
 
     def conditions(self, device: str, now: float | None = None) -> policy.Conditions:
         with self.tx() as conn:
-            return _conditions(self._lock_device(conn, device)["conditions"], now or time.time())
+            return _conditions(self._lock_device(conn, device)[0].conditions, now or time.time())
 
     def set_conditions(self, device: str, changes: Mapping[str, Any]) -> policy.Conditions:
         """Change some conditions (network, power, flags) or ``foreground`` {app: until}."""
         now = time.time()
         with self.tx() as conn:
-            dev = self._lock_device(conn, device)
-            stored = dict(dev["conditions"])
+            dev, _ = self._lock_device(conn, device)
+            stored = dict(dev.conditions)
             fg = dict(stored.get("foreground", {}))
             fg.update(changes.get("foreground", {}))
             stored.update({k: v for k, v in changes.items() if k != "foreground"})
             stored["foreground"] = {a: t for a, t in fg.items() if t > now}
             cond = _conditions(stored, now)  # validates before anything is written
             conn.execute(devices.update().where(devices.c.name == device).values(
-                conditions=stored, cond_version=dev["cond_version"] + 1))
+                conditions=stored, cond_version=dev.cond_version + 1))
             return cond
 
     # ------------------------------------------------------------------ requests
@@ -329,35 +379,34 @@ class Store:
         The request is decided here under the device's conditions, so an admission pass only
         decides again what a change (of conditions, of a size learnt) has made stale."""
         now = time.time()
+        device, app = row["device"], row["app_id"]
         with self.tx() as conn:
-            dev = self._lock_device(conn, row["device"])
-            exists, n_app, n_dev, target_of, held, known_app = conn.execute(_ADD_CHECKS, {
-                "id": row["id"], "app": row["app_id"], "device": row["device"], "path": row["local_path"]}).one()
+            dev, [[(exists, n_app, target_of, held, known_app)]] = self._lock_device(conn, device, then=[(_ADD_CHECKS, {
+                "id": row["id"], "app": app, "device": device, "path": row["local_path"]})])
             if exists:
                 raise TransferError(f"request {row['id']} was already added")
             if n_app >= s.max_outstanding_per_app:
                 raise QuotaExceededError(
-                    f"app {row['app_id']!r} has {n_app} outstanding requests (at most "
+                    f"app {app!r} has {n_app} outstanding requests (at most "
                     f"{s.max_outstanding_per_app}); remove completed ones first"
                 )
-            if n_dev >= s.max_queued_per_device:
+            if dev.live >= s.max_queued_per_device:
                 raise QuotaExceededError(
-                    f"device {row['device']!r} has {n_dev} queued requests (at most {s.max_queued_per_device})"
+                    f"device {device!r} has {dev.live} queued requests (at most {s.max_queued_per_device})"
                 )
             if target_of and row["direction"] == "download":
                 raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
-            d = _verdict(row, _conditions(dev["conditions"], now), s)
-            conn.execute(_NEXT_SEQ, {"device": row["device"], "seq": dev["next_seq"] + 1})
-            conn.execute(requests.insert(), {
-                **row, "seq": dev["next_seq"], "phase": "queued", "status": TransferStatus.WAITING.value,
-                "created_at": now, "updated_at": now, **_verdict_values(d, dev["cond_version"], now),
-            })
+            d = _verdict(row, _conditions(dev.conditions, now), s)
+            writes: list[Step] = [(_ADDED, {"device": device}), (_INSERT, {
+                **_NEW_REQUEST, **row, "seq": dev.next_seq, "phase": "queued", "status": TransferStatus.WAITING.value,
+                "created_at": now, "updated_at": now, **_verdict_values(d, dev.cond_version, now)})]
             if not known_app:
-                conn.execute(_FIRST_TURN, {"device": row["device"], "app": row["app_id"]})
-            self._count_verdicts(conn, row["device"], {d: 1})
+                writes.append((_FIRST_TURN, {"device": device, "app": app}))
+            writes += _verdict_counts(device, {d: 1})
             if d.action != "admit" or held >= s.max_concurrent_per_device:
+                self._batch(conn, writes, commit=True)
                 return []  # nothing a pass could start: the periodic pass reclaims what is stale
-            return self._pass(conn, row["device"], s, now, _DEVICE).picks  # the device row is locked already
+            return self._pass(conn, device, s, now, _DEVICE, before=writes).picks  # the device is locked already
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -388,7 +437,7 @@ class Store:
         """Forget a request; returns (row, still_running). A running one stops at its next tick."""
         with self.tx() as conn:
             row = dict(self._owned(conn, app_id, request_id))
-            self._lock_device(conn, row["device"])
+            self._lock_device(conn, row["device"], then=[(_GONE, {"device": row["device"]})])
             where = requests.c.id == request_id
             if row["phase"] == "running":
                 conn.execute(requests.update().where(where).values(removed=True, control="cancel"))
@@ -437,16 +486,19 @@ class Store:
         """
         now = time.time() if now is None else now
         with self.tx() as conn:
-            return self._pass(conn, device, s, now, _DEVICE_PASS if self.dialect == "postgresql" else _DEVICE).picks
+            return self._pass(conn, device, s, now, self._lock(durable=False)).picks
 
     def _pass(self, conn: Connection, device: str, s: Settings, now: float, lock: sa.TextClause,
-              claim_as: str | None = None) -> Pass:
+              claim_as: str | None = None, before: list[Step] | None = None) -> Pass:
         """The admission pass inside ``conn``'s transaction, which it commits; ``lock`` reads the
         device row (and locks it, unless the transaction already holds it). With ``claim_as``
-        (an attempt's owner) its first pick is claimed for that owner at once, not dispatched."""
-        p = {"device": device, "now": now, "free": s.max_concurrent_per_device, "hour": int(now // 3600)}
+        (an attempt's owner) its first pick is claimed for that owner at once, not dispatched.
+        The steps ``before`` (the caller's writes) run first, in the pass's first round trip."""
+        cap = s.max_concurrent_per_device
+        p = {"device": device, "now": now, "free": cap, "apps": cap, "hour": int(now // 3600)}
         read = [(_TALLY, p), (_HEADS[self.dialect], p)]
-        dev, tally, heads, *day = self._batch(conn, [(lock, p), *read, *([(_DAY_USAGE, p)] if s.quotas else [])])
+        first = [*(before or []), (lock, p), *read, *([(_DAY_USAGE, p)] if s.quotas else [])]
+        dev, tally, heads, *day = self._batch(conn, first)[len(before or []):]
         held, n_expired, oldest_verdict = tally[0]
         stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
         stored = dev[0].conditions if dev else {}
@@ -454,13 +506,16 @@ class Store:
             stored = self._refresh(conn, device, s, now)
             tally, heads = self._batch(conn, read)
             held = tally[0][0]
-        free = s.max_concurrent_per_device - held
+        free = cap - held
         if free <= 0 or not heads:
             return Pass([], None)
         over = policy.over_quota(dict(day[0]) if day else {}, s)
-        if over:  # such an app's requests wait, saying why, until its older bytes leave the window
-            self._batch(conn, [(_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
-                               for app, reason in over.items()])
+        if over:  # such an app's requests wait, saying why, until its older bytes leave the window;
+            # the others' heads are read again, as far down the turns as the over apps could take
+            *_, heads = self._batch(conn, [
+                *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
+                  for app, reason in over.items()),
+                (_HEADS[self.dialect], {**p, "apps": cap + len(over)})])
             heads = [h for h in heads if h.app_id not in over]
             if not heads:
                 return Pass([], None)
@@ -484,8 +539,8 @@ class Store:
         """What an admission pass does before it can admit, when there is something to do:
         create the device, note apps that left the foreground, reclaim expired leases, decide.
         Returns the device's conditions as stored."""
-        dev = self._lock_device(conn, device, durable=False)
-        stored, version = dict(dev["conditions"]), dev["cond_version"]
+        dev, _ = self._lock_device(conn, device, durable=False)
+        stored, version = dict(dev.conditions), dev.cond_version
         if _left_foreground(stored, now):  # a change of conditions too
             stored["foreground"] = {a: t for a, t in stored["foreground"].items() if t > now}
             version += 1
@@ -503,20 +558,20 @@ class Store:
         self._decide(conn, device, _conditions(stored, now), version, s, now)
         return stored
 
-    def _batch(self, conn: Connection, steps: list[tuple[sa.TextClause, Mapping[str, Any]]],
-               commit: bool = False) -> list[list[Any]]:
-        """Run statements in order and return the rows of each. On PostgreSQL they travel in one
-        round trip (a psycopg pipeline), with the COMMIT when ``commit``; SQLite is in-process,
-        where a round trip costs nothing."""
-        if self.dialect != "postgresql":
-            results = [conn.execute(stmt, params) for stmt, params in steps]
-            return [r.all() if r.returns_rows else [] for r in results]
-
+    def _batch(self, conn: Connection, steps: list[Step], commit: bool = False) -> list[list[Any]]:
+        """Run statements in order on the driver's own connection (in ``conn``'s transaction) and
+        return the rows of each, as named tuples with JSON columns decoded. The hot paths (add,
+        admission, attempts) run here: SQLAlchemy's execution costs several times what SQLite
+        takes to run these statements. On PostgreSQL they travel in one round trip (a psycopg
+        pipeline), with the COMMIT when ``commit``; SQLite is in-process, where a round trip
+        costs nothing (its COMMIT comes when the transaction ends)."""
         raw = conn.connection.driver_connection
+        if self.dialect != "postgresql":
+            return [_rows(raw.execute(_sql(stmt, "sqlite"), _bind(params))) for stmt, params in steps]
         with raw.pipeline():
             cursors = [raw.cursor(row_factory=namedtuple_row) for _ in steps]
             for cur, (stmt, params) in zip(cursors, steps, strict=True):
-                cur.execute(_pg_sql(stmt), params)
+                cur.execute(_sql(stmt, "postgresql"), _bind(params))
             if commit:
                 raw.commit()
         return [cur.fetchall() if cur.description is not None else [] for cur in cursors]
@@ -527,7 +582,7 @@ class Store:
         groups: dict[policy.Decision, list[str]] = {}
         for row in conn.execute(_UNDECIDED, {"device": device, "version": version}).mappings():
             groups.setdefault(_verdict(row, cond, s), []).append(row["id"])
-        self._count_verdicts(conn, device, {d: len(ids) for d, ids in groups.items()})
+        self._batch(conn, _verdict_counts(device, {d: len(ids) for d, ids in groups.items()}))
         for d, ids in groups.items():
             values = _verdict_values(d, version, now)
             if d.action == "admit":  # a wait for conditions that now hold is over; a retry's reason stays
@@ -536,23 +591,18 @@ class Store:
                 values["wait_reason"] = sa.case((waiting_for, None), else_=requests.c.wait_reason)
             conn.execute(requests.update().where(requests.c.id.in_(ids)).values(**values))
 
-    def _count_verdicts(self, conn: Connection, device: str, counts: Mapping[policy.Decision, int]) -> None:
-        if counts:
-            conn.execute(_COUNT, [{"device": device, "metric": "decision", "decision": d.action, "reason": d.reason,
-                                   "n": n} for d, n in counts.items()])
-
     # ------------------------------------------------------------------ attempts (fenced)
     def claim(self, request_id: str, token: int, owner: str, s: Settings) -> dict[str, Any] | None:
         """Start an admitted request; None if this wake-up is stale or a duplicate. The row comes
         with its device's current ``conditions``, read in the same transaction."""
         now = time.time()
         with self.tx() as conn:
-            res = conn.execute(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
-                                        "expires": now + s.lease_seconds, "now": now}).mappings().first()
-            if res is None:
+            [claimed] = self._batch(conn, [(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
+                                                     "expires": now + s.lease_seconds, "now": now})])
+            if not claimed:
                 return None
-            dev = conn.execute(_DEVICE, {"device": res["device"]}).mappings().one()
-            return {**res, "conditions": _conditions(dev["conditions"], now)}
+            [[dev]] = self._batch(conn, [(_DEVICE, {"device": claimed[0].device})])
+            return {**claimed[0]._asdict(), "conditions": _conditions(dev.conditions, now)}
 
     def day_usage(self, device: str, now: float | None = None) -> dict[str, int]:
         """Bytes each app moved on ``device`` in the last 24 hours (by the hour)."""
@@ -571,17 +621,20 @@ class Store:
         for the quotas); returns the app's control ('pause'/'cancel')."""
         now = time.time()
         with self.tx() as conn:
-            row = _renew(conn, request_id, token, {"lease_expires": now + lease_seconds, "updated_at": now, **fields})
-            if row is not None and used:
-                conn.execute(_USED, {"device": row.device, "app": row.app_id, "hour": int(now // 3600), "n": used})
-        if row is None:
+            [rows] = self._batch(conn, [_renew(request_id, token, {
+                "lease_expires": now + lease_seconds, "updated_at": now, **fields})])
+            if rows and used:
+                self._batch(conn, [_used(rows[0].device, rows[0].app_id, now, used)])
+        if not rows:
             raise LeaseLost(request_id)
-        return row.control
+        return rows[0].control
 
     def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
         with self.tx() as conn:
-            return self._finish(conn, request_id, token, used, fields)
+            row, steps = self._finish(conn, request_id, token, used, fields)
+            self._batch(conn, steps, commit=True)
+            return row
 
     def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
                         used: int = 0, **fields: Any) -> Pass:
@@ -589,57 +642,71 @@ class Store:
         in one transaction; with ``claim_as`` the first request admitted is claimed for that
         owner, who runs it next."""
         with self.tx() as conn:
-            self._lock_device(conn, device)  # first, as every pass does: no lock-order deadlock
-            self._finish(conn, request_id, token, used, fields)
-            return self._pass(conn, device, s, time.time(), _DEVICE, claim_as)
+            _, steps = self._finish(conn, request_id, token, used, fields, lock=device)
+            return self._pass(conn, device, s, time.time(), _DEVICE, claim_as, before=steps)
 
-    def _finish(self, conn: Connection, request_id: str, token: int, used: int,
-                fields: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, conn: Connection, request_id: str, token: int, used: int, fields: dict[str, Any],
+                lock: str | None = None) -> tuple[dict[str, Any], list[Step]]:
+        """Read the attempt's row (after locking device ``lock``, when given, as every pass does
+        first: no lock-order deadlock); the row as it ends, and the steps that end it."""
         now = time.time()
-        row = conn.execute(_RUNNING, {"rid": request_id, "token": token}).mappings().first()
-        if row is None:
+        read = [(_RUNNING, {"rid": request_id, "token": token})]
+        [rows] = self._lock_device(conn, lock, then=read)[1] if lock else self._batch(conn, read)
+        if not rows:
             raise LeaseLost(request_id)
-        if used:
-            conn.execute(_USED, {"device": row["device"], "app": row["app_id"], "hour": int(now // 3600), "n": used})
+        row = rows[0]._asdict()
+        steps = [_used(row["device"], row["app_id"], now, used)] if used else []
         if row["removed"]:
-            conn.execute(requests.delete().where(requests.c.id == request_id))
-            return {**row, "phase": "removed"}
+            return {**row, "phase": "removed"}, [*steps, (_DELETE, {"rid": request_id})]
         if fields.get("phase") == "queued":
             fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
         if row["control"] == "pause" and fields.get("phase") != "done":
             fields.update(phase="paused", status=TransferStatus.PAUSED.value,
                           wait_reason="paused by the app", control=None)
-        _renew(conn, request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields})
-        return {**row, **fields}
+        steps.append(_renew(request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now,
+                                                **fields}))
+        return {**row, **fields}, steps
 
 
-# An attempt's statements are built once: composing an UPDATE costs more than running it here.
-_FENCE = sa.and_(requests.c.id == sa.bindparam("rid"), requests.c.lease_token == sa.bindparam("token"))
-_CLAIM = (
-    requests.update().where(_FENCE, requests.c.phase == "admitted")
-    .values(phase="running", status=TransferStatus.TRANSFERRING.value, wait_reason=None,
-            lease_owner=sa.bindparam("owner"), lease_expires=sa.bindparam("expires"),
-            attempts=requests.c.attempts + 1, updated_at=sa.bindparam("now"))
-    .returning(*requests.c)
-)
-_RUNNING = sa.select(requests).where(_FENCE, requests.c.phase == "running")
+# An attempt's statements, fenced by its token.
+_FENCE = "id = :rid AND lease_token = :token"
+_CLAIM = sa.text(
+    "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, lease_owner = :owner, "
+    f"lease_expires = :expires, attempts = attempts + 1, updated_at = :now WHERE {_FENCE} AND phase = 'admitted' "
+    "RETURNING *")
+_RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_FENCE} AND phase = 'running'")
+_DELETE = sa.text("DELETE FROM bgt_requests WHERE id = :rid")
 _RUNNING_COUNTS = sa.text(
     "SELECT (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running'),"
     " (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running' AND app_id = :app)")
+_INSERT = sa.text(f"INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) "
+                  f"VALUES ({', '.join(':' + c.name for c in requests.c)})")
+_NEW_REQUEST = {c.name: c.default.arg if c.default is not None else None for c in requests.c}  # what an add omits
+Step = tuple[sa.TextClause, Mapping[str, Any]]  # a statement and its parameters, for Store._batch
 
 
 @functools.cache
-def _renewal(names: tuple[str, ...]) -> sa.Update:
+def _renewal(names: tuple[str, ...]) -> sa.TextClause:
     """The fenced UPDATE of a running attempt's row that sets the columns ``names``."""
-    return (requests.update().where(_FENCE, requests.c.phase == "running")
-            .values({n: sa.bindparam(f"set_{n}") for n in names})
-            .returning(requests.c.control, requests.c.device, requests.c.app_id))
+    return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
+                   f"WHERE {_FENCE} AND phase = 'running' RETURNING control, device, app_id")
 
 
-def _renew(conn: Connection, request_id: str, token: int, values: Mapping[str, Any]) -> Any:
-    """Set ``values`` on a running attempt's row if ``token`` still holds it; its control, or None."""
-    params = {"rid": request_id, "token": token, **{f"set_{k}": v for k, v in values.items()}}
-    return conn.execute(_renewal(tuple(values)), params).first()
+def _renew(request_id: str, token: int, values: Mapping[str, Any]) -> Step:
+    """Set ``values`` on a running attempt's row if ``token`` still holds it (returning its
+    control, device and app; no row if the token no longer holds it)."""
+    return _renewal(tuple(values)), {"rid": request_id, "token": token, **{f"set_{k}": v for k, v in values.items()}}
+
+
+def _used(device: str, app_id: str, now: float, n: int) -> Step:
+    """Count ``n`` bytes moved by ``app_id`` in this hour, for its daily quota."""
+    return _USED, {"device": device, "app": app_id, "hour": int(now // 3600), "n": n}
+
+
+def _verdict_counts(device: str, counts: Mapping[policy.Decision, int]) -> list[Step]:
+    """Count admission verdicts, for the metrics."""
+    return [(_COUNT, {"device": device, "metric": "decision", "decision": d.action, "reason": d.reason, "n": n})
+            for d, n in counts.items()]
 
 
 def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
@@ -647,10 +714,44 @@ def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
     return any(t <= now for t in stored.get("foreground", {}).values())
 
 
+_DIALECTS = {"postgresql": postgresql.psycopg.dialect(), "sqlite": sqlite.dialect(paramstyle="named")}
+_JSON = frozenset(c.name for t in (requests, devices) for c in t.c if isinstance(c.type, sa.JSON))
+
+
 @functools.cache
-def _pg_sql(stmt: sa.TextClause) -> str:
-    """A text statement in psycopg's own parameter style, for a pipeline."""
-    return str(stmt.compile(dialect=postgresql.psycopg.dialect()))
+def _sql(stmt: sa.TextClause, dialect: str) -> str:
+    """A text statement in the driver's own parameter style (psycopg's, or sqlite3's)."""
+    return str(stmt.compile(dialect=_DIALECTS[dialect]))
+
+
+def _bind(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters for the driver: dicts and lists go to JSON columns, as JSON text."""
+    return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in params.items()}
+
+
+def _rows(cur: Any) -> list[Any]:
+    """A sqlite3 cursor's rows as named tuples, JSON columns decoded (psycopg decodes its own)."""
+    if cur.description is None:
+        return []
+    make = _row_type(tuple(d[0] for d in cur.description))
+    return [make(r) for r in cur.fetchall()]
+
+
+@functools.cache
+def _row_type(names: tuple[str, ...]) -> Callable[[tuple[Any, ...]], Any]:
+    cls = collections.namedtuple("Row", names, rename=True)  # type: ignore[misc]
+    decode = [i for i, n in enumerate(names) if n in _JSON]
+    if not decode:
+        return cls._make
+
+    def make(values: tuple[Any, ...]) -> Any:
+        out = list(values)
+        for i in decode:
+            if isinstance(out[i], str):
+                out[i] = json.loads(out[i])
+        return cls._make(out)
+
+    return make
 
 
 def _verdict(row: Mapping[str, Any], cond: policy.Conditions, s: Settings) -> policy.Decision:
@@ -708,7 +809,15 @@ def _admission_indexes_v2(conn: Connection) -> None:
                              "autovacuum_analyze_threshold = 100)")
 
 
-MIGRATIONS = ((1, _create_v1), (2, _admission_indexes_v2))
+def _live_count_v3(conn: Connection) -> None:
+    """Each device counts its live requests, so an add need not count them (rule 6)."""
+    if "live" not in {c["name"] for c in sa.inspect(conn).get_columns("bgt_devices")}:
+        conn.exec_driver_sql("ALTER TABLE bgt_devices ADD COLUMN live BIGINT NOT NULL DEFAULT 0")
+    conn.exec_driver_sql("UPDATE bgt_devices SET live = (SELECT count(*) FROM bgt_requests "
+                         "WHERE device = bgt_devices.name AND NOT removed)")
+
+
+MIGRATIONS = ((1, _create_v1), (2, _admission_indexes_v2), (3, _live_count_v3))
 
 
 def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:

@@ -78,7 +78,7 @@ class RequestLog:
     ended: float | None = None
     completed: bool = False
     query: str = ""
-    answered: bool = False  # its last byte written (or its handler ended): no longer counted as concurrent
+    answered: bool = False  # its last piece being written (or its handler ended): no longer counted as concurrent
 
 
 @dataclass
@@ -665,6 +665,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if stall_at is not None:
                 n = min(n, stall_at - sent)
             pacer.wait(n)
+            if sent + n >= length and not chunked and drop_at is None:
+                owner._answered(log)  # the client may be done as soon as this last piece arrives
             if chunked:
                 sock.sendall(b"%x\r\n" % n)
             body.send(sock, start + sent, n, progress)
@@ -672,6 +674,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 sock.sendall(b"\r\n")
             sent += n
         if chunked:
+            owner._answered(log)
             sock.sendall(b"0\r\n\r\n")
 
     # -- request bodies -------------------------------------------------------
@@ -995,9 +998,9 @@ class FileServer:
     @property
     def max_concurrent(self) -> int:
         """Most requests being answered at once since start or the last reset_stats(): from
-        arrival until the answer's last byte is written. (A client can read that byte and start
-        its next request before this server's thread ends the first, so counting to the end of
-        the handler would see a client's back-to-back requests as concurrent.)"""
+        arrival until the answer's last piece starts being written. (A client can read that
+        piece and start its next request before this server's thread goes on, so counting any
+        longer would see a client's back-to-back requests as concurrent.)"""
         with self._lock:
             return self._max_concurrent
 

@@ -134,6 +134,7 @@ def test_per_app_and_per_device_quotas(deployment: Deployment) -> None:
     a.remove(a.requests[0])
     a.add(download("3.bin"))
     assert len(a.requests) == 3
+    refused(deployment, b, download("2.bin"), QuotaExceededError, "5 queued requests")  # full again
 
 
 def test_default_caps_are_25_per_app(deployment: Deployment) -> None:

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from bgtransfer import BackgroundTransferRequest, Settings, TransferStatus
+from bgtransfer import _policy as policy
 from bgtransfer._exceptions import LeaseLost
 from bgtransfer._store import Store, schema
 from tests.conftest import STORES, Deployment
@@ -49,7 +50,32 @@ def test_migrate_is_idempotent_and_versioned(env) -> None:
     store, s, dep = env
     Store(s.store_url)  # a second process starting up
     with store.tx() as conn:
-        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2]
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3]
+
+
+def live(store: Store, device: str) -> int:
+    with store.tx(read=True) as conn:
+        return conn.exec_driver_sql(f"SELECT live FROM bgt_devices WHERE name = '{device}'").scalar_one()
+
+
+def test_the_device_counts_its_live_requests(env) -> None:
+    """Rule 6 reads a count kept by add and remove: a running request removed counts no more,
+    although its row stays until its attempt stops."""
+    store, s, dep = env
+    a = add(store, s, "a", 3, dep.device)
+    add(store, s, "b", 1, dep.device)
+    assert live(store, dep.device) == 4
+    [(rid, token), _] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    assert store.remove("a", rid)[1]  # still running: it stops at its next tick
+    assert live(store, dep.device) == 3
+    store.remove("a", a[2])  # queued: deleted at once
+    assert live(store, dep.device) == 2
+    store.finish(rid, token, phase="done", status="COMPLETED")  # the removed row goes now
+    assert live(store, dep.device) == 2
+    with store.tx(read=True) as conn:
+        rows = conn.exec_driver_sql(f"SELECT count(*) FROM bgt_requests WHERE device = '{dep.device}'").scalar_one()
+    assert rows == 2
 
 
 def test_cap_fencing_and_release(env) -> None:
@@ -100,6 +126,35 @@ def test_round_robin_start_order_across_apps(env) -> None:
             store.claim(rid, token, "w", s)
             store.finish(rid, token, phase="done", status="COMPLETED")
     assert order == [a[0], b[0], c[0], a[1], b[1], a[2]]
+
+
+def test_a_pass_reads_only_the_apps_whose_turn_comes_first(env) -> None:
+    """With more apps than free slots the pass reads the heads of the first few apps only; the
+    start order is still the one fair share gives over the whole queue (weights and ties too)."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=3, app_weights="a3=3,a7=2")
+    arrivals = [f"a{(i * 7) % 11}" for i in range(40)]  # 11 apps, interleaved, uneven lengths
+    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
+    ids: list[tuple[str, str]] = []
+    for n, app in enumerate(arrivals):
+        r = row(app, n, dep.device)
+        assert store.insert(r, no_slots) == []
+        ids.append((app, r["id"]))
+    expected: list[str] = []
+    queue, clocks, vnow = list(ids), {}, 0.0
+    while queue:  # the policy alone, over every waiting request
+        share = policy.fair_share(queue, clocks, 3, s.weights, vnow)
+        expected += share.picked
+        clocks.update(share.clocks)
+        vnow = share.now
+        queue = [q for q in queue if q[1] not in share.picked]
+    order: list[str] = []
+    while picks := store.promote(dep.device, s):
+        for rid, token in picks:
+            order.append(rid)
+            store.claim(rid, token, "w", s)
+            store.finish(rid, token, phase="done", status="COMPLETED")
+    assert order == expected
 
 
 def test_conditions_decide_and_persist(env) -> None:
@@ -166,7 +221,8 @@ def test_a_pass_notices_an_app_leaving_the_foreground(env) -> None:
 
 def test_a_version_1_store_is_upgraded_in_place(env) -> None:
     """A store made by version 1 (no partial indexes; each app's last admission time, kept only for
-    apps already served) gets indexes and fair-share clocks at the next start, and admits as before."""
+    apps already served; no count of live requests) gets indexes, fair-share clocks and its counts
+    at the next start, and admits as before."""
     store, s, dep = env
     (rid,) = add(store, s, "a", 1, dep.device)
     with store.tx() as conn:
@@ -175,10 +231,12 @@ def test_a_version_1_store_is_upgraded_in_place(env) -> None:
         conn.exec_driver_sql("DELETE FROM bgt_app_turns")
         conn.exec_driver_sql("ALTER TABLE bgt_app_turns RENAME COLUMN clock TO last_admit_at")
         conn.exec_driver_sql(f"INSERT INTO bgt_app_turns VALUES ('{dep.device}', 'z', {time.time()})")
-        conn.execute(schema.delete().where(schema.c.version == 2))
+        conn.exec_driver_sql("ALTER TABLE bgt_devices DROP COLUMN live")
+        conn.execute(schema.delete().where(schema.c.version >= 2))
     upgraded = Store(s.store_url)
     with upgraded.tx() as conn:
-        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2]
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3]
+        assert conn.exec_driver_sql("SELECT name, live FROM bgt_devices").all() == [(dep.device, 1)]
         names = {i["name"] for i in sa.inspect(conn).get_indexes("bgt_requests")}
         clocks = dict(conn.exec_driver_sql("SELECT app_id, clock FROM bgt_app_turns").all())
     assert {"bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"} <= names
