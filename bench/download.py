@@ -52,7 +52,16 @@ One large download (variants run interleaved, A B C ... A B C ..., ``--repeat`` 
                       20 ms. It therefore includes dispatch (store insert, admission pass,
                       broker message, the worker's broker poll), the claim, the transfer, the
                       atomic rename and recording the outcome.
-    bgtransfer+sha256 the same with ``expected_sha256`` set (the digest computed up front).
+    curl+sha256sum    ``curl -s -o FILE URL``, then ``sha256sum FILE`` (as a user verifies a
+                      download); the two commands are timed together, and the digest printed
+                      must be the expected one.
+    bare pycurl+sha256
+                      bare pycurl with a ``WRITEFUNCTION`` (instead of ``WRITEDATA``) that puts
+                      every chunk through ``hashlib.sha256`` and writes it to the file; the
+                      digest, printed by the script, must be the expected one.
+    bgtransfer+sha256 bgtransfer with ``expected_sha256`` set.
+
+    The expected digest is the one taken while writing the source file.
 
     Each bgtransfer sample uses a new target name; afterwards the request is removed
     (``svc.remove``) and the file deleted, so the per-app cap of 25 is never reached. Before
@@ -63,9 +72,9 @@ One large download (variants run interleaved, A B C ... A B C ..., ``--repeat`` 
     most three times) until the server saw them all in flight at once.
 
     Every downloaded file's size is checked (and aria2c must leave no ``.aria2`` control file),
-    and every bgtransfer request must complete without ``transfer_error``; anything else stops
-    the run with an error (exit status 1). If ``aria2c`` is not on PATH its two variants are
-    skipped (said so in the output; ``null`` in the JSON).
+    and every bgtransfer request must complete without ``transfer_error``; anything else, or a
+    digest not the expected one, stops the run with an error (exit status 1). If ``aria2c`` is
+    not on PATH its two variants are skipped (said so in the output; ``null`` in the JSON).
 
 Many large downloads at once (``--parallel-files`` N, default 8, of ``--parallel-mib`` MiB)
     curl --parallel   ``curl -s --parallel --parallel-max N -o FILE1 URL1 ... -o FILEN URLN``
@@ -89,11 +98,14 @@ Many large downloads at once (``--parallel-files`` N, default 8, of ``--parallel
 Report
     Per variant of the single download the best and median throughput in MB/s (1 MB = 1e6
     bytes) and the ratio of its best to curl's best and to bare pycurl's best, then the target
-    lines and, for information (no target), bgtransfer against aria2c::
+    lines and, for information (no target), bgtransfer with the checksum against without it,
+    and against aria2c::
 
         bgtransfer / curl = X.XX (target >= 1.2)
         bgtransfer / bare pycurl = X.XX (target >= 0.9)
-        bgtransfer+sha256 / bgtransfer = X.XX (target >= 0.9)
+        bgtransfer+sha256 / curl+sha256sum = X.XX (target >= 1.2)
+        bgtransfer+sha256 / bare pycurl+sha256 = X.XX (target >= 0.9)
+        bgtransfer+sha256 / bgtransfer = X.XX (informational)
         bgtransfer / aria2c = X.XX (informational)
         bgtransfer / aria2c -x4 = X.XX (informational)
 
@@ -117,9 +129,9 @@ Every worker's log is searched, once it has stopped, for lines at WARNING level 
 for tracebacks; any found are printed at the end (and listed in the JSON), none expected.
 
 Workers are stopped with SIGTERM to their pid; if one has not exited after 15 s, it and the
-children it had are sent SIGKILL by pid. A client subprocess (curl, aria2c, bare pycurl) still
-running when the run is interrupted is sent SIGKILL by ``subprocess.run``. ``--json FILE`` also
-writes every sample and figure.
+children it had are sent SIGKILL by pid. A client subprocess (curl, sha256sum, aria2c, bare
+pycurl) still running when the run is interrupted is sent SIGKILL by ``subprocess.run``.
+``--json FILE`` also writes every sample and figure.
 
 Throughput on a small VM is noisy (tens of percent between samples); compare best figures
 from one run, where all variants saw the same machine state, rather than across runs.
@@ -172,24 +184,34 @@ LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 
 CURL, ARIA, ARIA4, PYCURL = "curl", "aria2c", "aria2c -x4", "bare pycurl"
 BGT, BGT_SHA = "bgtransfer", "bgtransfer+sha256"
-VARIANTS = (CURL, ARIA, ARIA4, PYCURL, BGT, BGT_SHA)
+CURL_SHA, PYCURL_SHA = "curl+sha256sum", "bare pycurl+sha256"
+VARIANTS = (CURL, ARIA, ARIA4, PYCURL, BGT, CURL_SHA, PYCURL_SHA, BGT_SHA)
 ARIA_VARIANTS = {ARIA: 1, ARIA4: 4}  # variant -> aria2c -x/-s (connections for the one file)
 TARGETS = (  # (numerator, denominator, minimum ratio of best throughputs)
     (BGT, CURL, 1.2),
     (BGT, PYCURL, 0.9),
-    (BGT_SHA, BGT, 0.9),
+    (BGT_SHA, CURL_SHA, 1.2),
+    (BGT_SHA, PYCURL_SHA, 0.9),
 )
-INFO_RATIOS = ((BGT, ARIA), (BGT, ARIA4))  # printed, no target
+INFO_RATIOS = ((BGT_SHA, BGT), (BGT, ARIA), (BGT, ARIA4))  # printed, no target
 CURL_PAR, BGT_PAR = "curl --parallel", "bgtransfer"
 
-# The bare pycurl client, run as ``python -c PLAIN_PYCURL URL FILE``; prints "<seconds> <status>".
+# The bare pycurl client, run as ``python -c PLAIN_PYCURL URL FILE MODE``, MODE "plain" or "sha256"
+# (hash every chunk while writing it); prints "<seconds> <status> <sha256 hex digest, or ->".
 PLAIN_PYCURL = """\
-import sys, time, pycurl
-url, path = sys.argv[1], sys.argv[2]
+import hashlib, sys, time, pycurl
+url, path, mode = sys.argv[1:]
+digest = hashlib.sha256() if mode == "sha256" else None
 with open(path, "wb") as f:
     c = pycurl.Curl()
     c.setopt(pycurl.URL, url)
-    c.setopt(pycurl.WRITEDATA, f)
+    if digest is None:
+        c.setopt(pycurl.WRITEDATA, f)
+    else:
+        def write(chunk):
+            digest.update(chunk)
+            f.write(chunk)
+        c.setopt(pycurl.WRITEFUNCTION, write)
     c.setopt(pycurl.BUFFERSIZE, 1024 * 1024)
     c.setopt(pycurl.NOSIGNAL, 1)
     t0 = time.perf_counter()
@@ -197,7 +219,7 @@ with open(path, "wb") as f:
     elapsed = time.perf_counter() - t0
     status = c.getinfo(pycurl.RESPONSE_CODE)
     c.close()
-print(elapsed, status)
+print(elapsed, status, "-" if digest is None else digest.hexdigest())
 """
 
 
@@ -399,13 +421,22 @@ def _warm_round(worker: Worker, svc: BackgroundTransferService, url: str, size: 
 # ----------------------------------------------------------------------------- the variants
 
 
-def run_curl(url: str, out: Path, size: int) -> float:
+def run_curl(url: str, out: Path, size: int, sha256: str | None = None) -> float:
+    """``curl -s -o FILE URL``; given ``sha256``, then ``sha256sum FILE``, which must print it. All is timed."""
     t0 = time.perf_counter()
     proc = subprocess.run(["curl", "-s", "-o", str(out), url], capture_output=True, timeout=transfer_timeout(size))
-    elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise BenchError(f"curl exited with {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+    digest = None
+    if sha256 is not None:
+        proc = subprocess.run(["sha256sum", str(out)], capture_output=True, timeout=transfer_timeout(size))
+        if proc.returncode != 0:
+            raise BenchError(f"sha256sum exited with {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        digest = proc.stdout.decode().split(maxsplit=1)[0]
+    elapsed = time.perf_counter() - t0
     check_size(out, size, "curl")
+    if digest != sha256:
+        raise BenchError(f"sha256sum of {out} printed {digest}, expected {sha256}")
     out.unlink()
     return elapsed
 
@@ -432,15 +463,19 @@ def run_aria2c(url: str, out_dir: Path, name: str, size: int, connections: int, 
     return elapsed
 
 
-def run_pycurl(url: str, out: Path, size: int) -> float:
-    proc = subprocess.run([sys.executable, "-c", PLAIN_PYCURL, url, str(out)], capture_output=True, text=True,
-                          timeout=transfer_timeout(size))
+def run_pycurl(url: str, out: Path, size: int, sha256: str | None = None) -> float:
+    """The bare pycurl client; given ``sha256``, it hashes while downloading and must report that digest."""
+    mode = "plain" if sha256 is None else "sha256"
+    proc = subprocess.run([sys.executable, "-c", PLAIN_PYCURL, url, str(out), mode], capture_output=True,
+                          text=True, timeout=transfer_timeout(size))
     if proc.returncode != 0:
         raise BenchError(f"bare pycurl client exited with {proc.returncode}:\n{proc.stderr}")
-    seconds, status = proc.stdout.split()
+    seconds, status, digest = proc.stdout.split()
     if status != "200":
         raise BenchError(f"bare pycurl client got HTTP {status}")
     check_size(out, size, "bare pycurl")
+    if sha256 is not None and digest != sha256:
+        raise BenchError(f"bare pycurl client computed sha256 {digest}, expected {sha256}")
     out.unlink()
     return float(seconds)
 
@@ -673,6 +708,8 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
         ARIA4: aria(ARIA4),
         PYCURL: lambda i: run_pycurl(url, out_dir / f"pycurl-{i}.bin", size),
         BGT: lambda i: bgtransfer_download(worker, svc, url, f"bgt-{i}.bin", size),
+        CURL_SHA: lambda i: run_curl(url, out_dir / f"curl-sha-{i}.bin", size, sha256),
+        PYCURL_SHA: lambda i: run_pycurl(url, out_dir / f"pycurl-sha-{i}.bin", size, sha256),
         BGT_SHA: lambda i: bgtransfer_download(worker, svc, url, f"bgt-sha-{i}.bin", size, sha256),
     }
     samples = {v: Samples() for v in variants}

@@ -262,12 +262,32 @@ def writer_turns(db_path: str, pid: int) -> WriterTurns:
     return WriterTurns(db_path)
 
 
+PING_AFTER_IDLE_SECONDS = 1.0  # shorter than a database server takes to restart
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    engine = sa.create_engine(url, pool_size=2, max_overflow=4)
+
+    @sa.event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        """A connection idle for a while is pinged before use, so one that a server restart
+        closed is replaced, not failed on; one back from use a moment ago is not (a ping is a
+        round trip, as dear as a statement, and a busy worker checks out many times a second)."""
+        if time.monotonic() - record.info.get("checked_in", 0.0) > PING_AFTER_IDLE_SECONDS:
+            try:
+                dbapi_conn.execute("SELECT 1").fetchall()
+            except Exception as exc:
+                raise sa.exc.DisconnectionError(f"the database connection is gone: {exc}") from exc
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    return engine
 
 
 @dataclasses.dataclass

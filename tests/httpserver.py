@@ -78,7 +78,7 @@ class RequestLog:
     ended: float | None = None
     completed: bool = False
     query: str = ""
-    answered: bool = False  # its last piece being written (or its handler ended): no longer counted as concurrent
+    answered: bool = False  # its last byte about to be written (or its handler ended): no longer counted as concurrent
 
 
 @dataclass
@@ -666,7 +666,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 n = min(n, stall_at - sent)
             pacer.wait(n)
             if sent + n >= length and not chunked and drop_at is None:
-                owner._answered(log)  # the client may be done as soon as this last piece arrives
+                if n > 1:  # all but the last byte first: the client cannot be done before that byte
+                    body.send(sock, start + sent, n - 1, progress)
+                    sent, n = sent + n - 1, 1
+                owner._answered(log)  # the client may be done as soon as this byte arrives
             if chunked:
                 sock.sendall(b"%x\r\n" % n)
             body.send(sock, start + sent, n, progress)
@@ -998,8 +1001,8 @@ class FileServer:
     @property
     def max_concurrent(self) -> int:
         """Most requests being answered at once since start or the last reset_stats(): from
-        arrival until the answer's last piece starts being written. (A client can read that
-        piece and start its next request before this server's thread goes on, so counting any
+        arrival until the answer's last byte is about to be written. (A client can read that
+        byte and start its next request before this server's thread goes on, so counting any
         longer would see a client's back-to-back requests as concurrent.)"""
         with self._lock:
             return self._max_concurrent
