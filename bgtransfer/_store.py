@@ -185,9 +185,6 @@ _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that w
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
-_TURN = sa.text(
-    "INSERT INTO bgt_app_turns (device, app_id, clock) VALUES (:device, :app, :clock) "
-    "ON CONFLICT (device, app_id) DO UPDATE SET clock = excluded.clock")
 _USED = sa.text(
     "INSERT INTO bgt_usage (device, app_id, hour, bytes) VALUES (:device, :app, :hour, :n) "
     "ON CONFLICT (device, app_id, hour) DO UPDATE SET bytes = bgt_usage.bytes + :n")
@@ -224,10 +221,11 @@ def _sqlite_engine(url: str) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
+        raw = conn.connection.driver_connection  # (SQLAlchemy's execution would cost more than BEGIN)
         if conn.get_execution_options().get("bgt_read"):
-            conn.exec_driver_sql("BEGIN")  # a reader takes a snapshot and never waits (WAL)
+            raw.execute("BEGIN")  # a reader takes a snapshot and never waits (WAL)
         else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")  # a writer takes the write lock at once
+            raw.execute("BEGIN IMMEDIATE")  # a writer takes the write lock at once
 
     return engine
 
@@ -328,7 +326,7 @@ class Store:
         """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite."""
         engine = self.engine
         turn = self._turns.turn() if self._turns and not read else contextlib.nullcontext()
-        with turn, engine.connect().execution_options(bgt_read=read) as conn, conn.begin():
+        with engine.connect().execution_options(bgt_read=read) as conn, turn, conn.begin():
             yield conn
 
     def close(self) -> None:
@@ -426,7 +424,7 @@ class Store:
             if d.action != "admit" or held >= s.max_concurrent_per_device:
                 self._batch(conn, writes, commit=True)
                 return []  # nothing a pass could start: the periodic pass reclaims what is stale
-            return self._pass(conn, device, s, now, _DEVICE, before=writes).picks  # the device is locked already
+            return self._pass(conn, device, s, now, dev, before=writes).picks
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -508,17 +506,20 @@ class Store:
         with self.tx() as conn:
             return self._pass(conn, device, s, now, self._lock(durable=False)).picks
 
-    def _pass(self, conn: Connection, device: str, s: Settings, now: float, lock: sa.TextClause,
+    def _pass(self, conn: Connection, device: str, s: Settings, now: float, lock: sa.TextClause | Any,
               claim_as: str | None = None, before: list[Step] | None = None) -> Pass:
-        """The admission pass inside ``conn``'s transaction, which it commits; ``lock`` reads the
-        device row (and locks it, unless the transaction already holds it). With ``claim_as``
-        (an attempt's owner) its first pick is claimed for that owner at once, not dispatched.
-        The steps ``before`` (the caller's writes) run first, in the pass's first round trip."""
+        """The admission pass inside ``conn``'s transaction, which it commits. ``lock`` reads the
+        device row and locks it, or is that row, read under the lock this transaction holds.
+        With ``claim_as`` (an attempt's owner) its first pick is claimed for that owner at once,
+        not dispatched. The steps ``before`` (the caller's writes) run first, in the pass's first
+        round trip."""
         cap = s.max_concurrent_per_device
         p = {"device": device, "now": now, "free": cap, "apps": cap, "hour": int(now // 3600)}
         read = [(_TALLY, p), (_HEADS[self.dialect], p)]
-        first = [*(before or []), (lock, p), *read, *([(_DAY_USAGE, p)] if s.quotas else [])]
-        dev, tally, heads, *day = self._batch(conn, first)[len(before or []):]
+        locking = isinstance(lock, sa.TextClause)
+        first = [*(before or []), *([(lock, p)] if locking else []), *read, *([(_DAY_USAGE, p)] if s.quotas else [])]
+        results = self._batch(conn, first)[len(before or []):]
+        dev, tally, heads, *day = results if locking else [[lock], *results]
         held, n_expired, oldest_verdict = tally[0]
         stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
         stored = dev[0].conditions if dev else {}
@@ -548,8 +549,9 @@ class Store:
         if claim_as is not None and admits:  # the first pick runs here: admitted and claimed at once
             admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "owner": claim_as, "expires": now + s.lease_seconds,
                                           "now": now})
-        results = self._batch(conn, admits + [(_TURN, {"device": device, "app": app, "clock": c})
-                                              for app, c in clocks.items()], commit=True)
+        turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
+                 **{f"clock{i}": c for i, c in enumerate(clocks.values())}}
+        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns)], commit=True)
         picks = [(rid, token[rid]) for rid in share.picked]
         if claim_as is None or not picks:
             return Pass(picks, None)
@@ -652,7 +654,8 @@ class Store:
     def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
         with self.tx() as conn:
-            row, steps = self._finish(conn, request_id, token, used, fields)
+            [rows] = self._batch(conn, [_running(request_id, token)])
+            row, steps = _finish(rows, request_id, token, used, fields)
             self._batch(conn, steps, commit=True)
             return row
 
@@ -661,31 +664,10 @@ class Store:
         """``finish``, then the admission pass for the slot it frees on ``device`` (the request's),
         in one transaction; with ``claim_as`` the first request admitted is claimed for that
         owner, who runs it next."""
-        with self.tx() as conn:
-            _, steps = self._finish(conn, request_id, token, used, fields, lock=device)
-            return self._pass(conn, device, s, time.time(), _DEVICE, claim_as, before=steps)
-
-    def _finish(self, conn: Connection, request_id: str, token: int, used: int, fields: dict[str, Any],
-                lock: str | None = None) -> tuple[dict[str, Any], list[Step]]:
-        """Read the attempt's row (after locking device ``lock``, when given, as every pass does
-        first: no lock-order deadlock); the row as it ends, and the steps that end it."""
-        now = time.time()
-        read = [(_RUNNING, {"rid": request_id, "token": token})]
-        [rows] = self._lock_device(conn, lock, then=read)[1] if lock else self._batch(conn, read)
-        if not rows:
-            raise LeaseLost(request_id)
-        row = rows[0]._asdict()
-        steps = [_used(row["device"], row["app_id"], now, used)] if used else []
-        if row["removed"]:
-            return {**row, "phase": "removed"}, [*steps, (_DELETE, {"rid": request_id})]
-        if fields.get("phase") == "queued":
-            fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
-        if row["control"] == "pause" and fields.get("phase") != "done":
-            fields.update(phase="paused", status=TransferStatus.PAUSED.value,
-                          wait_reason="paused by the app", control=None)
-        steps.append(_renew(request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now,
-                                                **fields}))
-        return {**row, **fields}, steps
+        with self.tx() as conn:  # the device first, as every pass locks it: no lock-order deadlock
+            dev, [rows] = self._lock_device(conn, device, then=[_running(request_id, token)])
+            _, steps = _finish(rows, request_id, token, used, fields)
+            return self._pass(conn, device, s, time.time(), dev, claim_as, before=steps)
 
 
 # An attempt's statements, fenced by its token.
@@ -710,6 +692,40 @@ def _renewal(names: tuple[str, ...]) -> sa.TextClause:
     """The fenced UPDATE of a running attempt's row that sets the columns ``names``."""
     return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
                    f"WHERE {_FENCE} AND phase = 'running' RETURNING control, device, app_id")
+
+
+@functools.cache
+def _turns(n: int) -> sa.TextClause:
+    """Set the clocks of ``n`` apps on a device (:app0, :clock0, ...) in one statement."""
+    rows = ", ".join(f"(:device, :app{i}, :clock{i})" for i in range(n))
+    return sa.text(f"INSERT INTO bgt_app_turns (device, app_id, clock) VALUES {rows} "
+                   "ON CONFLICT (device, app_id) DO UPDATE SET clock = excluded.clock")
+
+
+def _running(request_id: str, token: int) -> Step:
+    """Read an attempt's row if ``token`` still holds it running."""
+    return _RUNNING, {"rid": request_id, "token": token}
+
+
+def _finish(rows: list[Any], request_id: str, token: int, used: int,
+            fields: dict[str, Any]) -> tuple[dict[str, Any], list[Step]]:
+    """From the attempt's row as ``_running`` read it (none: the lease is lost), the row as the
+    attempt ends it, and the steps that end it: the bytes used counted, the row deleted (the app
+    removed it) or given ``fields`` and its slot back."""
+    if not rows:
+        raise LeaseLost(request_id)
+    now = time.time()
+    row = rows[0]._asdict()
+    steps = [_used(row["device"], row["app_id"], now, used)] if used else []
+    if row["removed"]:
+        return {**row, "phase": "removed"}, [*steps, (_DELETE, {"rid": request_id})]
+    if fields.get("phase") == "queued":
+        fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
+    if row["control"] == "pause" and fields.get("phase") != "done":
+        fields.update(phase="paused", status=TransferStatus.PAUSED.value,
+                      wait_reason="paused by the app", control=None)
+    steps.append(_renew(request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields}))
+    return {**row, **fields}, steps
 
 
 def _renew(request_id: str, token: int, values: Mapping[str, Any]) -> Step:
