@@ -100,7 +100,7 @@ devices = sa.Table(
     sa.Column("next_seq", sa.BigInteger, nullable=False, default=1),
     sa.Column("conditions", sa.JSON, nullable=False),
     sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
-    sa.Column("live", sa.BigInteger, nullable=False, default=0),  # its requests not removed (rule 6)
+    sa.Column("live", sa.BigInteger, nullable=False, default=0, server_default="0"),  # requests not removed (rule 6)
 )
 app_turns = sa.Table(  # fair-share memory: each app's virtual clock on a device (policy.fair_share);
     "bgt_app_turns", meta,  # the row of app '' (no app's id) holds the device's virtual time
@@ -273,11 +273,14 @@ def make_engine(url: str) -> Engine:
     @sa.event.listens_for(engine, "checkout")
     def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         """A connection idle for a while is pinged before use, so one that a server restart
-        closed is replaced, not failed on; one back from use a moment ago is not (a ping is a
-        round trip, as dear as a statement, and a busy worker checks out many times a second)."""
+        closed while it sat idle is replaced, not failed on; one back from use a moment ago is
+        not (a ping is a round trip, as dear as a statement, and a busy worker checks out many
+        times a second): a restart within that moment costs one failed transaction, which the
+        leases recover like any other store error."""
         if time.monotonic() - record.info.get("checked_in", 0.0) > PING_AFTER_IDLE_SECONDS:
             try:
                 dbapi_conn.execute("SELECT 1").fetchall()
+                dbapi_conn.rollback()  # leave no transaction open behind the ping
             except Exception as exc:
                 raise sa.exc.DisconnectionError(f"the database connection is gone: {exc}") from exc
 
@@ -314,7 +317,7 @@ class Store:
                 self._engine.dispose(close=False)
             self._engine, self._pid = make_engine(self.url), os.getpid()
             path = self._engine.url.database if self._engine.dialect.name == "sqlite" else None
-            self._turns = writer_turns(os.path.abspath(path), self._pid) if path and path != ":memory:" else None
+            self._turns = writer_turns(os.path.realpath(path), self._pid) if path and path != ":memory:" else None
         return self._engine
 
     @property
@@ -442,20 +445,25 @@ class Store:
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def _owned(self, conn: Connection, app_id: str, request_id: str) -> Mapping[str, Any]:
-        row = conn.execute(
-            sa.select(requests).where(
-                requests.c.id == request_id, requests.c.app_id == app_id, requests.c.removed.is_(False)
-            )
-        ).mappings().first()
-        if row is None:  # the same answer whether it is absent or another app's
-            raise TransferError(f"no request {request_id!r} for app {app_id!r}")
-        return row
+        """The app's live request, read (again) once its device is locked: what the caller does
+        next acts on its state now, not on one a concurrent remove or outcome has changed."""
+        query = sa.select(requests).where(
+            requests.c.id == request_id, requests.c.app_id == app_id, requests.c.removed.is_(False))
+        locked = None
+        while True:
+            row = conn.execute(query).mappings().first()
+            if row is None:  # the same answer whether it is absent or another app's
+                raise TransferError(f"no request {request_id!r} for app {app_id!r}")
+            if locked == row["device"]:
+                return row
+            locked = row["device"]
+            self._lock_device(conn, locked)
 
     def remove(self, app_id: str, request_id: str) -> tuple[dict[str, Any], bool]:
         """Forget a request; returns (row, still_running). A running one stops at its next tick."""
         with self.tx() as conn:
             row = dict(self._owned(conn, app_id, request_id))
-            self._lock_device(conn, row["device"], then=[(_GONE, {"device": row["device"]})])
+            self._batch(conn, [(_GONE, {"device": row["device"]})])
             where = requests.c.id == request_id
             if row["phase"] == "running":
                 conn.execute(requests.update().where(where).values(removed=True, control="cancel"))
@@ -466,7 +474,6 @@ class Store:
     def pause(self, app_id: str, request_id: str) -> None:
         with self.tx() as conn:
             row = self._owned(conn, app_id, request_id)
-            self._lock_device(conn, row["device"])
             if row["phase"] == "done":
                 raise TransferError(f"request {request_id} is already completed")
             if row["phase"] == "running":
@@ -481,7 +488,6 @@ class Store:
     def resume(self, app_id: str, request_id: str) -> None:
         with self.tx() as conn:
             row = self._owned(conn, app_id, request_id)
-            self._lock_device(conn, row["device"])
             if row["phase"] == "done":
                 raise TransferError(f"request {request_id} is already completed")
             values: dict[str, Any] = {"control": None}

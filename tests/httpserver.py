@@ -665,7 +665,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if stall_at is not None:
                 n = min(n, stall_at - sent)
             pacer.wait(n)
-            if sent + n >= length and not chunked and drop_at is None:
+            if sent + n >= length and not (chunked or b.close_delimited) and drop_at is None \
+                    and b.lie_length is None:  # (a client of those framings is done later)
                 if n > 1:  # all but the last byte first: the client cannot be done before that byte
                     body.send(sock, start + sent, n - 1, progress)
                     sent, n = sent + n - 1, 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import sqlalchemy as sa
 
 from bgtransfer import BackgroundTransferRequest, Settings, TransferStatus
 from bgtransfer import _policy as policy
-from bgtransfer._exceptions import LeaseLost
+from bgtransfer._exceptions import LeaseLost, TransferError
 from bgtransfer._store import Store, schema
 from tests.conftest import STORES, Deployment
 
@@ -76,6 +77,31 @@ def test_the_device_counts_its_live_requests(env) -> None:
     with store.tx(read=True) as conn:
         rows = conn.exec_driver_sql(f"SELECT count(*) FROM bgt_requests WHERE device = '{dep.device}'").scalar_one()
     assert rows == 2
+
+
+def test_two_removes_of_one_request_count_it_once(env) -> None:
+    """Both removes read the request before either holds the device's lock: the second must see
+    the first's work once it has the lock, not remove (and uncount) the request again."""
+    store, s, dep = env
+    rid, _ = add(store, s, "a", 2, dep.device)
+    said: list[str] = []
+
+    def remove() -> None:
+        try:
+            said.append(f"removed, running: {store.remove('a', rid)[1]}")
+        except TransferError as exc:
+            said.append(str(exc))
+
+    removers = [threading.Thread(target=remove) for _ in range(2)]
+    with store.tx() as conn:
+        store._lock_device(conn, dep.device)  # as a pass holding the device
+        for t in removers:
+            t.start()
+        time.sleep(0.3)  # both removers get as far as the device's lock
+    for t in removers:
+        t.join(30)
+    assert sorted(said) == [f"no request {rid!r} for app 'a'", "removed, running: False"]
+    assert live(store, dep.device) == 1
 
 
 def test_cap_fencing_and_release(env) -> None:
