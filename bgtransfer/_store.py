@@ -327,7 +327,7 @@ class Store:
     @contextlib.contextmanager
     def tx(self, read: bool = False) -> Iterator[Connection]:
         """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite."""
-        engine = self.engine
+        engine = self.engine  # first: after a fork this also gives the child its own turns
         turn = self._turns.turn() if self._turns and not read else contextlib.nullcontext()
         with engine.connect().execution_options(bgt_read=read) as conn, turn, conn.begin():
             yield conn
@@ -781,7 +781,7 @@ def _rows(cur: Any) -> list[Any]:
 
 @functools.cache
 def _row_type(names: tuple[str, ...]) -> Callable[[tuple[Any, ...]], Any]:
-    cls = collections.namedtuple("Row", names, rename=True)  # type: ignore[misc]
+    cls = collections.namedtuple("Row", names)  # type: ignore[misc]
     decode = [i for i, n in enumerate(names) if n in _JSON]
     if not decode:
         return cls._make
