@@ -54,7 +54,7 @@ def measure(store: Store, rounds: int, queued: int) -> dict:
 
     def add(app: str) -> list[tuple[str, int]]:
         t = time.perf_counter()
-        picks = store.insert(row(app, device), s)  # an add runs an admission pass too
+        picks = store.insert(row(app, device), s)  # on SQLite an add runs an admission pass too
         adds.append(time.perf_counter() - t)
         return picks
 

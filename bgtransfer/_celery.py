@@ -121,7 +121,8 @@ os.register_at_fork(before=pass_lock.acquire, after_in_parent=pass_lock.release,
 
 
 class Sweeper(bootsteps.StartStopStep):
-    """The periodic pass in the worker's main process: reclaim expired leases, admit, dispatch."""
+    """The periodic pass in the worker's main process: reclaim expired leases, admit, dispatch;
+    every ``sweep_interval``, and at once when an add wakes the device (PostgreSQL)."""
 
     requires = {"celery.worker.components:Pool"}
 
@@ -136,13 +137,15 @@ class Sweeper(bootsteps.StartStopStep):
 
     def _loop(self) -> None:
         s = load()
+        wakeups = store_for(s).wakeups(s.device)  # listening before the first pass: no add is missed
         while not self.stopping.is_set():
             try:
                 with pass_lock:
                     kick(s, s.device)
             except Exception:  # a store or broker outage: the next pass tries again
                 log.exception("periodic pass failed")
-            self.stopping.wait(s.sweep_interval)
+            wakeups.wait(s.sweep_interval, self.stopping)
+        wakeups.close()
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()

@@ -17,14 +17,19 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import os
+import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg import ClientCursor, pq
 from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -34,7 +39,7 @@ from ._exceptions import LeaseLost, QuotaExceededError, TransferError
 from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
 from ._settings import Settings
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 meta = sa.MetaData()
 
 requests = sa.Table(
@@ -94,13 +99,17 @@ _PARTIAL = (
 )
 for _name, _cols, _where in _PARTIAL:
     sa.Index(_name, *(requests.c[c] for c in _cols), postgresql_where=sa.text(_where), sqlite_where=sa.text(_where))
-devices = sa.Table(
+devices = sa.Table(  # admission passes lock a device's row: one pass at a time per device
     "bgt_devices", meta,
     sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("next_seq", sa.BigInteger, nullable=False, default=1),
     sa.Column("conditions", sa.JSON, nullable=False),
     sa.Column("cond_version", sa.Integer, nullable=False, default=0),  # bumped at every change
-    sa.Column("live", sa.BigInteger, nullable=False, default=0, server_default="0"),  # requests not removed (rule 6)
+)
+queues = sa.Table(  # a device's arrivals, on a row of their own: adds lock it, not the device's row
+    "bgt_queues", meta,
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("next_seq", sa.BigInteger, nullable=False),
+    sa.Column("live", sa.BigInteger, nullable=False),  # requests not removed (rule 6)
 )
 app_turns = sa.Table(  # fair-share memory: each app's virtual clock on a device (policy.fair_share);
     "bgt_app_turns", meta,  # the row of app '' (no app's id) holds the device's virtual time
@@ -129,7 +138,7 @@ _CONDITION_WAITS = [st.value for st in TransferStatus if st.name.startswith("WAI
 
 # The admission pass runs at every start and end of a transfer: its statements are plain SQL
 # (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
-_DEVICE_SQL = "SELECT name, next_seq, conditions, cond_version, live FROM bgt_devices WHERE name = :device"
+_DEVICE_SQL = "SELECT name, conditions, cond_version FROM bgt_devices WHERE name = :device"
 _DEVICE = sa.text(_DEVICE_SQL)
 _DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE")
 # PostgreSQL: the pass's commit need not wait for its WAL flush. What a crash could lose of it
@@ -178,13 +187,22 @@ _HEADS = {
         f"SELECT r.id, t.app_id, r.lease_token, t.clock, t.vnow FROM {_TURNS.format(greatest='max')}"
         f" JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
 }
+# A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
+# new transaction, so that a lock taken after it is not held while that commit waits for its flush.
+_COMMIT_SO_FAR = sa.text("COMMIT")
+_WAKE = sa.text(  # the device's workers (Wakeups), if a slot is free
+    f"SELECT pg_notify('bgtransfer', :device) WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap")
+# An admission, only if the request is still queued with the token the pass read, and a slot is free.
+_ADMISSIBLE = (f"WHERE id = :id AND lease_token = :token AND phase = 'queued' AND admissible "
+               f"AND (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap")
 _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
-    "updated_at = :now WHERE id = :id RETURNING *")
+    f"updated_at = :now {_ADMISSIBLE} RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
+    "AS conditions")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
-    "wait_reason = NULL, updated_at = :now WHERE id = :id")
+    f"wait_reason = NULL, updated_at = :now {_ADMISSIBLE} RETURNING id, lease_token")
 _USED = sa.text(
     "INSERT INTO bgt_usage (device, app_id, hour, bytes) VALUES (:device, :app, :hour, :n) "
     "ON CONFLICT (device, app_id, hour) DO UPDATE SET bytes = bgt_usage.bytes + :n")
@@ -194,8 +212,11 @@ _QUOTA_WAIT = sa.text(  # shown on what an app over its quota has waiting (once:
     "UPDATE bgt_requests SET status = 'WAITING', wait_reason = :reason, updated_at = :now "
     "WHERE device = :device AND app_id = :app AND phase = 'queued' AND admissible "
     "AND (wait_reason IS NULL OR wait_reason <> :reason)")
-_ADDED = sa.text("UPDATE bgt_devices SET next_seq = next_seq + 1, live = live + 1 WHERE name = :device")
-_GONE = sa.text("UPDATE bgt_devices SET live = live - 1 WHERE name = :device")
+_ARRIVE = sa.text(  # an add's turn on the device's queue row (rolled back with a refused add)
+    "UPDATE bgt_queues SET next_seq = next_seq + 1, live = live + 1 WHERE device = :device "
+    "RETURNING next_seq - 1 AS seq, live - 1 AS live")
+_GONE = sa.text("UPDATE bgt_queues SET live = live - 1 WHERE device = :device")
+_HOLD_QUEUE = sa.text("UPDATE bgt_queues SET live = live WHERE device = :device")  # its lock, in both dialects
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
     sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
@@ -260,6 +281,7 @@ def writer_turns(db_path: str, pid: int) -> WriterTurns:
     return WriterTurns(db_path)
 
 
+_BEGIN = "bgt_begin"  # in a PostgreSQL connection's info: its transaction has yet to say BEGIN
 PING_AFTER_IDLE_SECONDS = 1.0  # shorter than a database server takes to restart
 
 
@@ -268,7 +290,15 @@ def make_engine(url: str) -> Engine:
         return _sqlite_engine(url)
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    engine = sa.create_engine(url, pool_size=2, max_overflow=4)
+    # The driver runs in autocommit and each transaction says BEGIN itself (Store.tx): the hot
+    # paths send it in the same round trip as their first statements (Store._batch).
+    engine = sa.create_engine(url, pool_size=2, max_overflow=4, isolation_level="AUTOCOMMIT")
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _begin(conn: Connection, cursor: Any, *_: Any) -> None:
+        """A transaction's first statement through SQLAlchemy (the uncommon paths) begins it."""
+        if conn.info.pop(_BEGIN, False):
+            cursor.connection.execute("BEGIN")
 
     @sa.event.listens_for(engine, "checkout")
     def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
@@ -291,6 +321,52 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class Wakeups:
+    """A worker's wait between its admission passes for a device: the sweep interval, cut short
+    on PostgreSQL when an add leaves a request that a free slot could start (``Store.insert``
+    NOTIFYs; this LISTENs on its own connection). On SQLite an add runs that pass itself."""
+
+    def __init__(self, url: str | None, device: str) -> None:
+        self.url, self.device = url, device
+        self.conn: Any = None
+        self._connect()
+
+    def _connect(self) -> bool:
+        """Listen, if there is a server to listen to; whether a new connection listens now."""
+        if self.url is None or self.conn is not None:
+            return False
+        try:
+            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn.execute("LISTEN bgtransfer")
+        except psycopg.Error:
+            self.close()
+            return False
+        return True
+
+    def wait(self, timeout: float, stopping: threading.Event) -> None:
+        """Until ``timeout`` has passed, ``stopping`` is set, or an add woke this device. A new
+        connection returns at once: what was added before it listened needs a pass too."""
+        if self.conn is None:
+            if not self._connect():
+                stopping.wait(timeout)
+            return
+        try:
+            for note in self.conn.notifies(timeout=timeout):
+                if note.payload == self.device or stopping.is_set():
+                    break
+            for _ in self.conn.notifies(timeout=0):  # what else came meanwhile: the same pass serves it
+                pass
+        except psycopg.Error:  # the server went away: reconnect at the next wait, which returns at once
+            self.close()
+            stopping.wait(min(timeout, 1.0))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.close()
+            self.conn = None
+
+
 @dataclasses.dataclass
 class Pass:
     """What an admission pass admitted: (request id, token) pairs to dispatch, and the row it
@@ -298,6 +374,7 @@ class Pass:
 
     picks: list[tuple[str, int]]
     claimed: dict[str, Any] | None
+    lost: bool = False  # a pick that a concurrent pass had taken (or paused) first
 
 
 class Store:
@@ -330,7 +407,18 @@ class Store:
         engine = self.engine  # first: after a fork this also gives the child its own turns
         turn = self._turns.turn() if self._turns and not read else contextlib.nullcontext()
         with engine.connect().execution_options(bgt_read=read) as conn, turn, conn.begin():
-            yield conn
+            if self.dialect == "postgresql":
+                conn.info[_BEGIN] = True  # said by the transaction's first statement
+            try:
+                yield conn
+            finally:
+                conn.info.pop(_BEGIN, None)
+
+    def wakeups(self, device: str) -> Wakeups:
+        """What a worker waits on between its passes for ``device``."""
+        url = self.engine.url
+        return Wakeups(url.set(drivername="postgresql").render_as_string(hide_password=False)
+                       if self.dialect == "postgresql" else None, device)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -368,10 +456,14 @@ class Store:
         after it in the same round trip."""
         rows, *more = self._batch(conn, [(self._lock(durable), {"device": device}), *(then or [])])
         if not rows:
-            conn.execute(self._insert(devices).values(
-                name=device, next_seq=1, conditions={}, cond_version=0).on_conflict_do_nothing())
+            self._create_device(conn, device)
             return self._lock_device(conn, device, durable, then)
         return rows[0], more
+
+    def _create_device(self, conn: Connection, device: str) -> None:
+        """A device's rows, on first use (by whoever comes first)."""
+        conn.execute(self._insert(devices).values(name=device, conditions={}, cond_version=0).on_conflict_do_nothing())
+        conn.execute(self._insert(queues).values(device=device, next_seq=1, live=0).on_conflict_do_nothing())
 
     def conditions(self, device: str, now: float | None = None) -> policy.Conditions:
         with self.tx() as conn:
@@ -395,15 +487,26 @@ class Store:
     # ------------------------------------------------------------------ requests
     def insert(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
         """Store a new request after the counted rules (5, 6); raise and store nothing on breach.
-        Returns what the admission pass run in the same transaction admitted, to dispatch.
+        Returns what an admission pass run right after it admitted, to dispatch.
 
         The request is decided here under the device's conditions, so an admission pass only
-        decides again what a change (of conditions, of a size learnt) has made stale."""
+        decides again what a change (of conditions, of a size learnt) has made stale. Adds take
+        turns on the device's queue row, not on the row admission passes lock. When a slot is
+        free for the request, SQLite runs a pass at once (in-process, a fraction of a
+        millisecond); PostgreSQL instead wakes the device's workers (``Wakeups``), whose pass
+        runs beside the caller, which would otherwise pay its round trips and a broker message
+        for each request it admits."""
         now = time.time()
         device, app = row["device"], row["app_id"]
+        cap = s.max_concurrent_per_device
+        arrive = [(_ARRIVE, {"device": device}), (_DEVICE, {"device": device}), (_ADD_CHECKS, {
+            "id": row["id"], "app": app, "device": device, "path": row["local_path"]})]
         with self.tx() as conn:
-            dev, [[(exists, n_app, target_of, held, known_app)]] = self._lock_device(conn, device, then=[(_ADD_CHECKS, {
-                "id": row["id"], "app": app, "device": device, "path": row["local_path"]})])
+            arrived, dev, [(exists, n_app, target_of, held, known_app)] = self._batch(conn, arrive)
+            if not arrived or not dev:
+                self._create_device(conn, device)
+                arrived, dev, [(exists, n_app, target_of, held, known_app)] = self._batch(conn, arrive)
+            (seq, live), dev = arrived[0], dev[0]
             if exists:
                 raise TransferError(f"request {row['id']} was already added")
             if n_app >= s.max_outstanding_per_app:
@@ -411,23 +514,28 @@ class Store:
                     f"app {app!r} has {n_app} outstanding requests (at most "
                     f"{s.max_outstanding_per_app}); remove completed ones first"
                 )
-            if dev.live >= s.max_queued_per_device:
+            if live >= s.max_queued_per_device:
                 raise QuotaExceededError(
-                    f"device {device!r} has {dev.live} queued requests (at most {s.max_queued_per_device})"
-                )
+                    f"device {device!r} has {live} queued requests (at most {s.max_queued_per_device})")
             if target_of and row["direction"] == "download":
                 raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
             d = _verdict(row, _conditions(dev.conditions, now), s)
-            writes: list[Step] = [(_ADDED, {"device": device}), (_INSERT, {
-                **_NEW_REQUEST, **row, "seq": dev.next_seq, "phase": "queued", "status": TransferStatus.WAITING.value,
+            writes: list[Step] = [(_INSERT, {
+                **_NEW_REQUEST, **row, "seq": seq, "phase": "queued", "status": TransferStatus.WAITING.value,
                 "created_at": now, "updated_at": now, **_verdict_values(d, dev.cond_version, now)})]
             if not known_app:
                 writes.append((_FIRST_TURN, {"device": device, "app": app}))
             writes += _verdict_counts(device, {d: 1})
-            if d.action != "admit" or held >= s.max_concurrent_per_device:
-                self._batch(conn, writes, commit=True)
-                return []  # nothing a pass could start: the periodic pass reclaims what is stale
-            return self._pass(conn, device, s, now, dev, before=writes).picks
+            pg = self.dialect == "postgresql"
+            if d.action == "admit" and pg:  # once it is stored, whether a slot is free is read under the
+                # passes' lock: a pass that read the queue before this request was stored has freed its
+                # slot by then, or frees it after, and then reads the queue again (see _admission)
+                writes += [(_COMMIT_SO_FAR, {}), (self._lock(durable=False), {"device": device}),
+                           (_WAKE, {"device": device, "cap": cap})]
+            self._batch(conn, writes, commit=True)
+        if d.action != "admit" or pg or held >= cap:  # (SQLite: no other writer came in between)
+            return []
+        return self.promote(device, s, now)
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -457,6 +565,8 @@ class Store:
             if locked == row["device"]:
                 return row
             locked = row["device"]
+            # an add holds its device's queue row while it waits for the device's: the same order here
+            self._batch(conn, [(_HOLD_QUEUE, {"device": locked})])
             self._lock_device(conn, locked)
 
     def remove(self, app_id: str, request_id: str) -> tuple[dict[str, Any], bool]:
@@ -499,75 +609,119 @@ class Store:
 
     # ------------------------------------------------------------------ admission
     def promote(self, device: str, s: Settings, now: float | None = None) -> list[tuple[str, int]]:
-        """One atomic admission pass for a device; returns (request_id, token) to dispatch.
+        """One admission pass for a device; returns (request_id, token) to dispatch.
 
         It reclaims expired leases, decides the requests not yet decided under the current
         conditions (new ones, requeued ones, or all after a change), and gives the free slots
         round-robin across apps. Its cost grows with what changed and with the number of apps,
         not with the length of the queue: decisions are stored, and only the first few
-        admissible requests of each app are read. When nothing needs deciding or reclaiming
-        (the usual case), it is two round trips to the store: lock and read, then admit and commit.
-        """
-        now = time.time() if now is None else now
-        with self.tx() as conn:
-            return self._pass(conn, device, s, now, self._lock(durable=False)).picks
+        admissible requests of each app are read."""
+        return self._admission(device, s, time.time() if now is None else now).picks  # type: ignore[union-attr]
 
-    def _pass(self, conn: Connection, device: str, s: Settings, now: float, lock: sa.TextClause | Any,
-              claim_as: str | None = None, before: list[Step] | None = None) -> Pass:
-        """The admission pass inside ``conn``'s transaction, which it commits. ``lock`` reads the
-        device row and locks it, or is that row, read under the lock this transaction holds.
-        With ``claim_as`` (an attempt's owner) its first pick is claimed for that owner at once,
-        not dispatched. The steps ``before`` (the caller's writes) run first, in the pass's first
-        round trip."""
+    def _survey(self, device: str, s: Settings, now: float) -> list[Step]:
+        """What an admission pass reads once its device is locked: the slots held, the apps whose
+        turn comes first and their next requests, and the bytes each app moved today (quotas)."""
         cap = s.max_concurrent_per_device
-        p = {"device": device, "now": now, "free": cap, "apps": cap, "hour": int(now // 3600)}
-        read = [(_TALLY, p), (_HEADS[self.dialect], p)]
-        locking = isinstance(lock, sa.TextClause)
-        first = [*(before or []), *([(lock, p)] if locking else []), *read, *([(_DAY_USAGE, p)] if s.quotas else [])]
-        results = self._batch(conn, first)[len(before or []):]
-        dev, tally, heads, *day = results if locking else [[lock], *results]
+        p = {"device": device, "now": now, "free": cap, "apps": cap}
+        return [(_TALLY, p), (_HEADS[self.dialect], p),
+                *([(_DAY_USAGE, {**p, "hour": int(now // 3600)})] if s.quotas else [])]
+
+    def _admission(self, device: str, s: Settings, now: float, claim_as: str | None = None,
+                   ending: Step | None = None, rounds: int = 3) -> Pass | None:
+        """An admission pass in two short transactions, each one round trip that holds the
+        device's lock only while the server runs it: one reads what the pass needs (after
+        ``ending``, an attempt's outcome, written in it if it still holds: None if not), the
+        other admits the requests picked from that, each only if it is still queued with the
+        token read and a slot is still free (a concurrent pass may have changed either). A pass
+        with something to refresh (expired leases, stale verdicts) holds the lock throughout.
+
+        No admission is missed between the two: every read of what is held and queued is made
+        under the same lock, and whatever frees a slot (an outcome) or stores a request (an add)
+        commits before its own read (or wake-up): so whichever of two such reads comes second
+        sees both. No lock is held while a durable commit waits for its WAL flush. A pick lost to
+        a concurrent pass leaves its slot to ``rounds`` more."""
+        first = [ending, (_COMMIT_SO_FAR, {})] if ending else []  # (no lock held while it commits)
+        with self.tx() as conn:
+            rows = self._batch(conn, [*first, (self._lock(durable=ending is not None), {"device": device}),
+                                      *self._survey(device, s, now)], commit=True)
+        if ending and not rows[0]:
+            return None
+        dev, tally, heads, *day = rows[len(first):]
+        if not dev:
+            with self.tx() as conn:
+                self._create_device(conn, device)
+            return self._admission(device, s, now, claim_as)
         held, n_expired, oldest_verdict = tally[0]
-        stale = oldest_verdict is not None and (not dev or oldest_verdict < dev[0].cond_version)
-        stored = dev[0].conditions if dev else {}
-        if not dev or n_expired or stale or _left_foreground(stored, now):
-            stored = self._refresh(conn, device, s, now)
-            tally, heads = self._batch(conn, read)
-            held = tally[0][0]
-        free = cap - held
-        if free <= 0 or not heads:
-            return Pass([], None)
-        over = policy.over_quota(dict(day[0]) if day else {}, s)
-        if over:  # such an app's requests wait, saying why, until its older bytes leave the window;
-            # the others' heads are read again, as far down the turns as the over apps could take
-            *_, heads = self._batch(conn, [
-                *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
-                  for app, reason in over.items()),
-                (_HEADS[self.dialect], {**p, "apps": cap + len(over)})])
-            heads = [h for h in heads if h.app_id not in over]
-            if not heads:
+        if n_expired or (oldest_verdict is not None and oldest_verdict < dev[0].cond_version) or \
+                _left_foreground(dev[0].conditions, now):
+            return self._locked_pass(device, s, now, claim_as)
+        with self.tx() as conn:
+            heads = self._candidates(conn, device, s, now, heads, day)
+            if held >= s.max_concurrent_per_device or not heads:
                 return Pass([], None)
+            done = self._admit(conn, device, s, now, heads, s.max_concurrent_per_device - held, claim_as, lock=True)
+        if done.lost and rounds:
+            more = self._admission(device, s, now, claim_as if done.claimed is None else None, rounds=rounds - 1)
+            return Pass(done.picks + more.picks, done.claimed or more.claimed)  # type: ignore[union-attr]
+        return done
+
+    def _locked_pass(self, device: str, s: Settings, now: float, claim_as: str | None) -> Pass:
+        """The admission pass that refreshes first (``_refresh``), holding the device's lock."""
+        with self.tx() as conn:
+            dev, _ = self._lock_device(conn, device, durable=False)
+            self._refresh(conn, device, s, now, dev)
+            tally, heads, *day = self._batch(conn, self._survey(device, s, now))
+            heads = self._candidates(conn, device, s, now, heads, day)
+            if tally[0].held >= s.max_concurrent_per_device or not heads:
+                return Pass([], None)
+            return self._admit(conn, device, s, now, heads, s.max_concurrent_per_device - tally[0].held, claim_as,
+                               lock=False)
+
+    def _candidates(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any],
+                    day: list[list[Any]]) -> list[Any]:
+        """The heads a pass may pick from: without the apps over their daily quota, whose
+        requests wait, saying why, until their older bytes leave the window (the others' heads
+        are read again, as far down the turns as the over apps could take)."""
+        over = policy.over_quota(dict(day[0]) if day else {}, s) if heads else {}
+        if not over:
+            return heads
+        *_, heads = self._batch(conn, [
+            *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
+              for app, reason in over.items()),
+            (_HEADS[self.dialect], {"device": device, "now": now, "free": s.max_concurrent_per_device,
+                                    "apps": s.max_concurrent_per_device + len(over)})])
+        return [h for h in heads if h.app_id not in over]
+
+    def _admit(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any], free: int,
+               claim_as: str | None, lock: bool) -> Pass:
+        """Admit the fair share of ``free`` slots among ``heads`` and commit: under the lock this
+        transaction holds, or (``lock``) takes in the same round trip. With ``claim_as`` (an
+        attempt's owner) the first pick is claimed for that owner at once, not dispatched."""
         share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
                                   s.weights, heads[0].vnow or 0.0)
-        token = {h.id: h.lease_token + 1 for h in heads}
-        clocks = {**share.clocks, "": share.now}
-        expires = now + s.dispatch_seconds
-        admits = [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
+        seen = {h.id: h.lease_token for h in heads}
+        fence = {"device": device, "cap": s.max_concurrent_per_device, "now": now}
+        admits = [(_ADMIT, {**fence, "id": rid, "token": seen[rid], "expires": now + s.dispatch_seconds})
+                  for rid in share.picked]
         if claim_as is not None and admits:  # the first pick runs here: admitted and claimed at once
-            admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "owner": claim_as, "expires": now + s.lease_seconds,
-                                          "now": now})
+            admits[0] = (_ADMIT_RUNNING, {**admits[0][1], "owner": claim_as, "expires": now + s.lease_seconds})
+        clocks = {**share.clocks, "": share.now}  # (a pick lost to a concurrent pass still counts: rare)
         turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
                  **{f"clock{i}": c for i, c in enumerate(clocks.values())}}
-        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns)], commit=True)
-        picks = [(rid, token[rid]) for rid in share.picked]
-        if claim_as is None or not picks:
-            return Pass(picks, None)
-        return Pass(picks[1:], {**results[0][0]._asdict(), "conditions": _conditions(stored, now)})
+        locking = [(self._lock(durable=False), {"device": device})] if lock else []
+        results = self._batch(conn, [*locking, *admits, (_turns(len(clocks)), turns)], commit=True)
+        admitted = [r[0] for r in results[len(locking):len(locking) + len(admits)] if r]
+        claimed = None
+        if claim_as is not None and admitted and admitted[0].id == share.picked[0]:
+            first = admitted.pop(0)._asdict()
+            claimed = {**first, "conditions": _conditions(first["conditions"], now)}
+        lost = len(admitted) + bool(claimed) < len(admits)
+        return Pass([(r.id, r.lease_token) for r in admitted], claimed, lost)
 
-    def _refresh(self, conn: Connection, device: str, s: Settings, now: float) -> dict[str, Any]:
-        """What an admission pass does before it can admit, when there is something to do:
-        create the device, note apps that left the foreground, reclaim expired leases, decide.
-        Returns the device's conditions as stored."""
-        dev, _ = self._lock_device(conn, device, durable=False)
+    def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> dict[str, Any]:
+        """What an admission pass does before it can admit, when there is something to do: note
+        apps that left the foreground, reclaim expired leases, decide. ``dev`` is the device's
+        row, locked. Returns the device's conditions as stored."""
         stored, version = dict(dev.conditions), dev.cond_version
         if _left_foreground(stored, now):  # a change of conditions too
             stored["foreground"] = {a: t for a, t in stored["foreground"].items() if t > now}
@@ -590,19 +744,47 @@ class Store:
         """Run statements in order on the driver's own connection (in ``conn``'s transaction) and
         return the rows of each, as named tuples with JSON columns decoded. The hot paths (add,
         admission, attempts) run here: SQLAlchemy's execution costs several times what SQLite
-        takes to run these statements. On PostgreSQL they travel in one round trip (a psycopg
-        pipeline), with the COMMIT when ``commit``; SQLite is in-process, where a round trip
-        costs nothing (its COMMIT comes when the transaction ends)."""
+        takes to run these statements. On PostgreSQL they travel in one round trip, with the
+        transaction's BEGIN if it has not begun and the COMMIT when ``commit``, as one string of
+        statements with their parameters bound by psycopg (a pipeline of server-bound
+        statements costs the client about three times the CPU). SQLite is in-process, where a
+        round trip costs nothing (its COMMIT comes when the transaction ends)."""
         raw = conn.connection.driver_connection
-        if self.dialect != "postgresql":
-            return [_rows(raw.execute(_sql(stmt, "sqlite"), _bind(params))) for stmt, params in steps]
-        with raw.pipeline():
-            cursors = [raw.cursor(row_factory=namedtuple_row) for _ in steps]
-            for cur, (stmt, params) in zip(cursors, steps, strict=True):
-                cur.execute(_sql(stmt, "postgresql"), _bind(params))
+        if self.dialect != "postgresql":  # (one transaction: SQLite's commits do not wait for a flush)
+            return [_rows(raw.execute(_sql(stmt, "sqlite"), _bind(params))) if stmt is not _COMMIT_SO_FAR else []
+                    for stmt, params in steps]
+        if not steps:
             if commit:
-                raw.commit()
-        return [cur.fetchall() if cur.description is not None else [] for cur in cursors]
+                raw.commit()  # (nothing to do if the transaction has not begun)
+            return []
+        cur = ClientCursor(raw, row_factory=namedtuple_row)
+        begin = conn.info.pop(_BEGIN, False)
+        known = _PREPARED.get(raw)
+        if known is None:  # a new connection, or one whose last batch failed midway: ask
+            known = _PREPARED[raw] = {r[0] for r in raw.execute(
+                "SELECT name FROM pg_prepared_statements WHERE name LIKE 'bgt\\_%'")}
+        sent: list[tuple[str, int | None]] = [("BEGIN", None)] if begin else []  # (text, step whose rows)
+        for i, (stmt, params) in enumerate(steps):
+            if stmt is _COMMIT_SO_FAR:
+                sent += [("COMMIT", None), ("BEGIN", None)]
+                continue
+            name, prepare, names = _prepared(stmt)
+            if name not in known:
+                sent.append((prepare, None))
+                known.add(name)
+            sent.append((cur.mogrify(f"EXECUTE {name}({', '.join(f'%({n})s' for n in names)})" if names
+                                     else f"EXECUTE {name}", _bind(params)), i))
+        try:
+            cur.execute(";".join([*(text for text, _ in sent), *(["COMMIT"] if commit else [])]))
+        except Exception:
+            del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
+            raise
+        out: list[list[Any]] = [[] for _ in steps]
+        for _, step in sent:
+            if step is not None and cur.pgresult is not None and cur.pgresult.status == pq.ExecStatus.TUPLES_OK:
+                out[step] = cur.fetchall()  # (asking for the description would build it: dearer)
+            cur.nextset()
+        return out
 
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
                 now: float) -> None:
@@ -626,11 +808,10 @@ class Store:
         now = time.time()
         with self.tx() as conn:
             [claimed] = self._batch(conn, [(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
-                                                     "expires": now + s.lease_seconds, "now": now})])
+                                                     "expires": now + s.lease_seconds, "now": now})], commit=True)
             if not claimed:
                 return None
-            [[dev]] = self._batch(conn, [(_DEVICE, {"device": claimed[0].device})])
-            return {**claimed[0]._asdict(), "conditions": _conditions(dev.conditions, now)}
+            return {**claimed[0]._asdict(), "conditions": _conditions(claimed[0].conditions, now)}
 
     def day_usage(self, device: str, now: float | None = None) -> dict[str, int]:
         """Bytes each app moved on ``device`` in the last 24 hours (by the hour)."""
@@ -667,13 +848,19 @@ class Store:
 
     def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
                         used: int = 0, **fields: Any) -> Pass:
-        """``finish``, then the admission pass for the slot it frees on ``device`` (the request's),
-        in one transaction; with ``claim_as`` the first request admitted is claimed for that
-        owner, who runs it next."""
-        with self.tx() as conn:  # the device first, as every pass locks it: no lock-order deadlock
-            dev, [rows] = self._lock_device(conn, device, then=[_running(request_id, token)])
-            _, steps = _finish(rows, request_id, token, used, fields)
-            return self._pass(conn, device, s, time.time(), dev, claim_as, before=steps)
+        """``finish``, then the admission pass for the slot it frees on ``device`` (the request's);
+        with ``claim_as`` the first request admitted is claimed for that owner, who runs it next.
+
+        Usually the outcome is written in the pass's first transaction: unless the app removed
+        or paused the request meanwhile, or bytes are to count against a quota (``used``)."""
+        now = time.time()
+        if not used:
+            done = self._admission(device, s, now, claim_as, ending=_renew(request_id, token, _ending(fields, now),
+                                                                           plain=True))
+            if done is not None:
+                return done
+        self.finish(request_id, token, used, **fields)
+        return self._admission(device, s, now, claim_as)  # type: ignore[return-value]
 
 
 # An attempt's statements, fenced by its token.
@@ -681,7 +868,7 @@ _FENCE = "id = :rid AND lease_token = :token"
 _CLAIM = sa.text(
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, lease_owner = :owner, "
     f"lease_expires = :expires, attempts = attempts + 1, updated_at = :now WHERE {_FENCE} AND phase = 'admitted' "
-    "RETURNING *")
+    "RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = bgt_requests.device) AS conditions")
 _RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_FENCE} AND phase = 'running'")
 _DELETE = sa.text("DELETE FROM bgt_requests WHERE id = :rid")
 _RUNNING_COUNTS = sa.text(
@@ -694,10 +881,12 @@ Step = tuple[sa.TextClause, Mapping[str, Any]]  # a statement and its parameters
 
 
 @functools.cache
-def _renewal(names: tuple[str, ...]) -> sa.TextClause:
-    """The fenced UPDATE of a running attempt's row that sets the columns ``names``."""
+def _renewal(names: tuple[str, ...], plain: bool) -> sa.TextClause:
+    """The fenced UPDATE of a running attempt's row that sets the columns ``names``; only if the
+    app has neither removed nor paused it, when ``plain``."""
     return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
-                   f"WHERE {_FENCE} AND phase = 'running' RETURNING control, device, app_id")
+                   f"WHERE {_FENCE} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''} "
+                   "RETURNING control, device, app_id")
 
 
 @functools.cache
@@ -725,19 +914,28 @@ def _finish(rows: list[Any], request_id: str, token: int, used: int,
     steps = [_used(row["device"], row["app_id"], now, used)] if used else []
     if row["removed"]:
         return {**row, "phase": "removed"}, [*steps, (_DELETE, {"rid": request_id})]
-    if fields.get("phase") == "queued":
-        fields["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
+    values = _ending(fields, now)
     if row["control"] == "pause" and fields.get("phase") != "done":
-        fields.update(phase="paused", status=TransferStatus.PAUSED.value,
+        values.update(phase="paused", status=TransferStatus.PAUSED.value,
                       wait_reason="paused by the app", control=None)
-    steps.append(_renew(request_id, token, {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields}))
-    return {**row, **fields}, steps
+    steps.append(_renew(request_id, token, values))
+    return {**row, **values}, steps
 
 
-def _renew(request_id: str, token: int, values: Mapping[str, Any]) -> Step:
-    """Set ``values`` on a running attempt's row if ``token`` still holds it (returning its
-    control, device and app; no row if the token no longer holds it)."""
-    return _renewal(tuple(values)), {"rid": request_id, "token": token, **{f"set_{k}": v for k, v in values.items()}}
+def _ending(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The columns that end an attempt with ``fields`` (its outcome) and give its slot back."""
+    values = {"lease_expires": None, "lease_owner": None, "updated_at": now, **fields}
+    if fields.get("phase") == "queued":
+        values["decided_version"] = -1  # what this attempt learnt (a size) may change the verdict
+    return values
+
+
+def _renew(request_id: str, token: int, values: Mapping[str, Any], plain: bool = False) -> Step:
+    """Set ``values`` on a running attempt's row if ``token`` still holds it (and, when ``plain``,
+    the app has neither removed nor paused it), returning its control, device and app; no row
+    if not."""
+    params = {f"set_{k}": v for k, v in values.items()}
+    return _renewal(tuple(values), plain), {"rid": request_id, "token": token, **params}
 
 
 def _used(device: str, app_id: str, now: float, n: int) -> Step:
@@ -754,6 +952,20 @@ def _verdict_counts(device: str, counts: Mapping[policy.Decision, int]) -> list[
 def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
     """Whether an app's time in the foreground has ended since these conditions were stored."""
     return any(t <= now for t in stored.get("foreground", {}).values())
+
+
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # per connection: names
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a text statement's :name parameters
+
+
+@functools.cache
+def _prepared(stmt: sa.TextClause) -> tuple[str, str, tuple[str, ...]]:
+    """A statement as a PostgreSQL prepared statement: its name, the PREPARE that makes it, and
+    its parameters' names in their order ($1, $2, ...). The server plans it once per connection."""
+    names = tuple(dict.fromkeys(_BIND.findall(stmt.text)))
+    body = _BIND.sub(lambda m: f"${names.index(m.group(1)) + 1}", stmt.text)
+    name = f"bgt_{hashlib.sha1(stmt.text.encode()).hexdigest()[:16]}"
+    return name, f"PREPARE {name} AS {body}", names
 
 
 _DIALECTS = {"postgresql": postgresql.psycopg.dialect(), "sqlite": sqlite.dialect(paramstyle="named")}
@@ -859,7 +1071,21 @@ def _live_count_v3(conn: Connection) -> None:
                          "WHERE device = bgt_devices.name AND NOT removed)")
 
 
-MIGRATIONS = ((1, _create_v1), (2, _admission_indexes_v2), (3, _live_count_v3))
+def _queues_v4(conn: Connection) -> None:
+    """A device's arrival order and live count move to a row of their own (``queues``), so that
+    adds do not take the device's row, which admission passes lock."""
+    meta.create_all(conn, tables=[queues])
+    conn.exec_driver_sql(
+        "INSERT INTO bgt_queues (device, next_seq, live) SELECT name, (SELECT coalesce(max(seq), 0) + 1 "
+        "FROM bgt_requests WHERE device = bgt_devices.name), (SELECT count(*) FROM bgt_requests "
+        "WHERE device = bgt_devices.name AND NOT removed) FROM bgt_devices WHERE true ON CONFLICT (device) DO NOTHING")
+    have = {c["name"] for c in sa.inspect(conn).get_columns("bgt_devices")}
+    for column in ("next_seq", "live"):
+        if column in have:
+            conn.exec_driver_sql(f"ALTER TABLE bgt_devices DROP COLUMN {column}")
+
+
+MIGRATIONS = ((1, _create_v1), (2, _admission_indexes_v2), (3, _live_count_v3), (4, _queues_v4))
 
 
 def to_request(row: Mapping[str, Any]) -> BackgroundTransferRequest:

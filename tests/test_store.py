@@ -51,12 +51,12 @@ def test_migrate_is_idempotent_and_versioned(env) -> None:
     store, s, dep = env
     Store(s.store_url)  # a second process starting up
     with store.tx() as conn:
-        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3]
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3, 4]
 
 
 def live(store: Store, device: str) -> int:
     with store.tx(read=True) as conn:
-        return conn.exec_driver_sql(f"SELECT live FROM bgt_devices WHERE name = '{device}'").scalar_one()
+        return conn.exec_driver_sql(f"SELECT live FROM bgt_queues WHERE device = '{device}'").scalar_one()
 
 
 def test_the_device_counts_its_live_requests(env) -> None:
@@ -247,8 +247,8 @@ def test_a_pass_notices_an_app_leaving_the_foreground(env) -> None:
 
 def test_a_version_1_store_is_upgraded_in_place(env) -> None:
     """A store made by version 1 (no partial indexes; each app's last admission time, kept only for
-    apps already served; no count of live requests) gets indexes, fair-share clocks and its counts
-    at the next start, and admits as before."""
+    apps already served; the arrival order on the device's row, no count of live requests) gets
+    indexes, fair-share clocks, and each device's queue row, at the next start, and admits as before."""
     store, s, dep = env
     (rid,) = add(store, s, "a", 1, dep.device)
     with store.tx() as conn:
@@ -257,12 +257,15 @@ def test_a_version_1_store_is_upgraded_in_place(env) -> None:
         conn.exec_driver_sql("DELETE FROM bgt_app_turns")
         conn.exec_driver_sql("ALTER TABLE bgt_app_turns RENAME COLUMN clock TO last_admit_at")
         conn.exec_driver_sql(f"INSERT INTO bgt_app_turns VALUES ('{dep.device}', 'z', {time.time()})")
-        conn.exec_driver_sql("ALTER TABLE bgt_devices DROP COLUMN live")
+        conn.exec_driver_sql("DROP TABLE bgt_queues")
+        conn.exec_driver_sql("ALTER TABLE bgt_devices ADD COLUMN next_seq BIGINT NOT NULL DEFAULT 2")
         conn.execute(schema.delete().where(schema.c.version >= 2))
     upgraded = Store(s.store_url)
     with upgraded.tx() as conn:
-        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3]
-        assert conn.exec_driver_sql("SELECT name, live FROM bgt_devices").all() == [(dep.device, 1)]
+        assert [r.version for r in conn.execute(sa.select(schema.c.version))] == [1, 2, 3, 4]
+        assert conn.exec_driver_sql("SELECT device, next_seq, live FROM bgt_queues").all() == [(dep.device, 2, 1)]
+        assert {c["name"] for c in sa.inspect(conn).get_columns("bgt_devices")} == {"name", "conditions",
+                                                                                    "cond_version"}
         names = {i["name"] for i in sa.inspect(conn).get_indexes("bgt_requests")}
         clocks = dict(conn.exec_driver_sql("SELECT app_id, clock FROM bgt_app_turns").all())
     assert {"bgt_requests_held", "bgt_requests_undecided", "bgt_requests_heads"} <= names
@@ -270,14 +273,41 @@ def test_a_version_1_store_is_upgraded_in_place(env) -> None:
     assert [r for r, _ in upgraded.promote(dep.device, s)] == [rid]
 
 
-def test_an_add_admits_at_once_when_a_slot_is_free(env) -> None:
+def test_an_add_that_a_free_slot_could_start_starts_it_or_wakes_the_workers(env) -> None:
+    """SQLite: the add runs the pass itself. PostgreSQL: it wakes the device's workers, whose
+    pass admits; an add that no slot could start wakes nobody."""
     store, s, dep = env
     first, second, third = (row("a", i, dep.device) for i in range(3))
-    [(rid, token)] = store.insert(first, s)  # its own pass, in its own transaction
-    assert rid == first["id"] and store.get(rid)["phase"] == "admitted"
-    assert [r for r, _ in store.insert(second, s)] == [second["id"]]
-    assert store.insert(third, s) == []  # the cap of 2 is reached: it waits
-    assert store.claim(rid, token, "w", s) is not None
+    wakeups, stopping = store.wakeups(dep.device), threading.Event()
+    try:
+        if store.dialect == "sqlite":
+            [(rid, token)] = store.insert(first, s)  # its own pass, in its own transaction
+            assert rid == first["id"] and store.get(rid)["phase"] == "admitted"
+            assert [r for r, _ in store.insert(second, s)] == [second["id"]]
+        else:
+            other = store.wakeups("another-device")
+            try:
+                assert store.insert(first, s) == [] and store.get(first["id"])["phase"] == "queued"
+                t0 = time.monotonic()
+                wakeups.wait(30, stopping)  # returns on the add's NOTIFY, not after 30 s
+                assert time.monotonic() - t0 < 20
+                t0 = time.monotonic()
+                other.wait(0.5, stopping)  # another device's workers sleep on
+                assert time.monotonic() - t0 >= 0.5
+            finally:
+                other.close()
+            [(rid, token)] = store.promote(dep.device, s)
+            store.insert(second, s)
+            wakeups.wait(30, stopping)
+            assert [r for r, _ in store.promote(dep.device, s)] == [second["id"]]
+        assert store.insert(third, s) == []  # the cap of 2 is reached: it waits
+        if store.dialect == "postgresql":
+            t0 = time.monotonic()
+            wakeups.wait(0.5, stopping)  # and wakes nobody
+            assert time.monotonic() - t0 >= 0.5
+        assert store.claim(rid, token, "w", s) is not None
+    finally:
+        wakeups.close()
 
 
 def test_an_app_over_its_daily_quota_waits_and_says_why(env) -> None:
