@@ -137,15 +137,20 @@ class Sweeper(bootsteps.StartStopStep):
 
     def _loop(self) -> None:
         s = load()
-        wakeups = store_for(s).wakeups(s.device)  # listening before the first pass: no add is missed
+        wakeups = None
         while not self.stopping.is_set():
             try:
+                wakeups = wakeups or store_for(s).wakeups(s.device)  # listening before its first pass
                 with pass_lock:
                     kick(s, s.device)
             except Exception:  # a store or broker outage: the next pass tries again
                 log.exception("periodic pass failed")
-            wakeups.wait(s.sweep_interval, self.stopping)
-        wakeups.close()
+            if wakeups is None:
+                self.stopping.wait(s.sweep_interval)
+            else:
+                wakeups.wait(s.sweep_interval, self.stopping)
+        if wakeups is not None:
+            wakeups.close()
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()

@@ -19,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -39,6 +40,7 @@ from ._exceptions import LeaseLost, QuotaExceededError, TransferError
 from ._models import BackgroundTransferRequest, TransferPreferences, TransferStatus
 from ._settings import Settings
 
+log = logging.getLogger("bgtransfer.store")
 SCHEMA_VERSION = 4
 meta = sa.MetaData()
 
@@ -190,19 +192,17 @@ _HEADS = {
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
 # new transaction, so that a lock taken after it is not held while that commit waits for its flush.
 _COMMIT_SO_FAR = sa.text("COMMIT")
-_WAKE = sa.text(  # the device's workers (Wakeups), if a slot is free
-    f"SELECT pg_notify('bgtransfer', :device) WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap")
-# An admission, only if the request is still queued with the token the pass read, and a slot is free.
-_ADMISSIBLE = (f"WHERE id = :id AND lease_token = :token AND phase = 'queued' AND admissible "
-               f"AND (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap")
+_WAKE = sa.text(  # the device's workers (Wakeups): a slot is free, or the conditions changed meanwhile
+    f"SELECT pg_notify('bgtransfer', :device) WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
+    "OR (SELECT cond_version FROM bgt_devices WHERE name = :device) <> :version")
 _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
-    f"updated_at = :now {_ADMISSIBLE} RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
+    "updated_at = :now WHERE id = :id RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
     "AS conditions")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
-    f"wait_reason = NULL, updated_at = :now {_ADMISSIBLE} RETURNING id, lease_token")
+    "wait_reason = NULL, updated_at = :now WHERE id = :id")
 _USED = sa.text(
     "INSERT INTO bgt_usage (device, app_id, hour, bytes) VALUES (:device, :app, :hour, :n) "
     "ON CONFLICT (device, app_id, hour) DO UPDATE SET bytes = bgt_usage.bytes + :n")
@@ -336,7 +336,8 @@ class Wakeups:
         if self.url is None or self.conn is not None:
             return False
         try:
-            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn = psycopg.connect(self.url, autocommit=True, keepalives_idle=30, keepalives_interval=10,
+                                        keepalives_count=3)  # a connection dropped unseen is noticed
             self.conn.execute("LISTEN bgtransfer")
         except psycopg.Error:
             self.close()
@@ -374,7 +375,6 @@ class Pass:
 
     picks: list[tuple[str, int]]
     claimed: dict[str, Any] | None
-    lost: bool = False  # a pick that a concurrent pass had taken (or paused) first
 
 
 class Store:
@@ -496,6 +496,18 @@ class Store:
         millisecond); PostgreSQL instead wakes the device's workers (``Wakeups``), whose pass
         runs beside the caller, which would otherwise pay its round trips and a broker message
         for each request it admits."""
+        try:
+            return self._add(row, s)
+        except TransferError:
+            raise
+        except Exception:  # a failure after the commit (the wake-up): the request is stored all the same
+            if self.get(row["id"]) is None:
+                raise
+            log.warning("request %s is stored but its wake-up failed: the periodic pass admits it", row["id"],
+                        exc_info=True)
+            return []
+
+    def _add(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
         now = time.time()
         device, app = row["device"], row["app_id"]
         cap = s.max_concurrent_per_device
@@ -526,16 +538,17 @@ class Store:
             if not known_app:
                 writes.append((_FIRST_TURN, {"device": device, "app": app}))
             writes += _verdict_counts(device, {d: 1})
-            pg = self.dialect == "postgresql"
-            if d.action == "admit" and pg:  # once it is stored, whether a slot is free is read under the
-                # passes' lock: a pass that read the queue before this request was stored has freed its
-                # slot by then, or frees it after, and then reads the queue again (see _admission)
-                writes += [(_COMMIT_SO_FAR, {}), (self._lock(durable=False), {"device": device}),
-                           (_WAKE, {"device": device, "cap": cap})]
-            self._batch(conn, writes, commit=True)
-        if d.action != "admit" or pg or held >= cap:  # (SQLite: no other writer came in between)
+            if self.dialect != "postgresql":  # no other writer can come in between: pass now if it could start
+                self._batch(conn, writes)
+                return self._pass(conn, device, s, now).picks if d.action == "admit" and held < cap else []
+            # Once it is stored, whether to wake is read under the passes' lock: a pass that read
+            # the queue before this request was stored has freed its slot by then, or frees it
+            # after and then reads the queue again (see _pass); and if the conditions changed
+            # since they were read above, a pass decides this request again.
+            wake = [(_COMMIT_SO_FAR, {}), (self._lock(durable=False), {"device": device}), (_WAKE, {
+                "device": device, "cap": cap if d.action == "admit" else 0, "version": dev.cond_version})]
+            self._batch(conn, [*writes, *wake], commit=True)
             return []
-        return self.promote(device, s, now)
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -616,7 +629,8 @@ class Store:
         round-robin across apps. Its cost grows with what changed and with the number of apps,
         not with the length of the queue: decisions are stored, and only the first few
         admissible requests of each app are read."""
-        return self._admission(device, s, time.time() if now is None else now).picks  # type: ignore[union-attr]
+        with self.tx() as conn:
+            return self._pass(conn, device, s, time.time() if now is None else now).picks  # type: ignore[union-attr]
 
     def _survey(self, device: str, s: Settings, now: float) -> list[Step]:
         """What an admission pass reads once its device is locked: the slots held, the apps whose
@@ -626,56 +640,43 @@ class Store:
         return [(_TALLY, p), (_HEADS[self.dialect], p),
                 *([(_DAY_USAGE, {**p, "hour": int(now // 3600)})] if s.quotas else [])]
 
-    def _admission(self, device: str, s: Settings, now: float, claim_as: str | None = None,
-                   ending: Step | None = None, rounds: int = 3) -> Pass | None:
-        """An admission pass in two short transactions, each one round trip that holds the
-        device's lock only while the server runs it: one reads what the pass needs (after
-        ``ending``, an attempt's outcome, written in it if it still holds: None if not), the
-        other admits the requests picked from that, each only if it is still queued with the
-        token read and a slot is still free (a concurrent pass may have changed either). A pass
-        with something to refresh (expired leases, stale verdicts) holds the lock throughout.
+    def _pass(self, conn: Connection, device: str, s: Settings, now: float, claim_as: str | None = None,
+              ending: Step | None = None) -> Pass | None:
+        """An admission pass in ``conn``'s transaction, which it commits: two round trips that
+        hold the device's lock from the first to the commit at the end of the second: read what
+        the pass needs, then admit. ``ending`` (an attempt's outcome) is written first, if it
+        still holds (None if not), and on PostgreSQL commits before the lock is taken: no lock
+        is held while a durable commit waits for its WAL flush (but for a claim: see below).
 
-        No admission is missed between the two: every read of what is held and queued is made
-        under the same lock, and whatever frees a slot (an outcome) or stores a request (an add)
-        commits before its own read (or wake-up): so whichever of two such reads comes second
-        sees both. No lock is held while a durable commit waits for its WAL flush. A pick lost to
-        a concurrent pass leaves its slot to ``rounds`` more."""
-        first = [ending, (_COMMIT_SO_FAR, {})] if ending else []  # (no lock held while it commits)
-        with self.tx() as conn:
-            rows = self._batch(conn, [*first, (self._lock(durable=ending is not None), {"device": device}),
-                                      *self._survey(device, s, now)], commit=True)
+        No admission is missed: every read of what is held and queued is made under the lock,
+        and whatever frees a slot (an outcome) or stores a request (an add) commits before its
+        own read (or wake-up) is made: so whichever of two such reads comes second sees both.
+
+        A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
+        lose of it is recomputed by the next one; not one that claims a request for its caller
+        (``claim_as``), who moves bytes at once: a lost claim could give its token out again."""
+        first = [ending, (_COMMIT_SO_FAR, {})] if ending else []
+        survey = self._survey(device, s, now)
+        durable = claim_as is not None
+        rows = self._batch(conn, [*first, (self._lock(durable), {"device": device}), *survey])
         if ending and not rows[0]:
             return None
         dev, tally, heads, *day = rows[len(first):]
-        if not dev:
-            with self.tx() as conn:
-                self._create_device(conn, device)
-            return self._admission(device, s, now, claim_as)
-        held, n_expired, oldest_verdict = tally[0]
-        if n_expired or (oldest_verdict is not None and oldest_verdict < dev[0].cond_version) or \
-                _left_foreground(dev[0].conditions, now):
-            return self._locked_pass(device, s, now, claim_as)
-        with self.tx() as conn:
-            heads = self._candidates(conn, device, s, now, heads, day)
-            if held >= s.max_concurrent_per_device or not heads:
-                return Pass([], None)
-            done = self._admit(conn, device, s, now, heads, s.max_concurrent_per_device - held, claim_as, lock=True)
-        if done.lost and rounds:
-            more = self._admission(device, s, now, claim_as if done.claimed is None else None, rounds=rounds - 1)
-            return Pass(done.picks + more.picks, done.claimed or more.claimed)  # type: ignore[union-attr]
-        return done
-
-    def _locked_pass(self, device: str, s: Settings, now: float, claim_as: str | None) -> Pass:
-        """The admission pass that refreshes first (``_refresh``), holding the device's lock."""
-        with self.tx() as conn:
-            dev, _ = self._lock_device(conn, device, durable=False)
+        if dev:
+            dev = dev[0]
+        else:  # a device's first pass
+            self._create_device(conn, device)
+            dev, [tally, heads, *day] = self._lock_device(conn, device, durable, then=survey)
+        if tally[0].expired or (tally[0].oldest_verdict is not None and tally[0].oldest_verdict < dev.cond_version) \
+                or _left_foreground(dev.conditions, now):
             self._refresh(conn, device, s, now, dev)
-            tally, heads, *day = self._batch(conn, self._survey(device, s, now))
-            heads = self._candidates(conn, device, s, now, heads, day)
-            if tally[0].held >= s.max_concurrent_per_device or not heads:
-                return Pass([], None)
-            return self._admit(conn, device, s, now, heads, s.max_concurrent_per_device - tally[0].held, claim_as,
-                               lock=False)
+            tally, heads, *day = self._batch(conn, survey)
+        heads = self._candidates(conn, device, s, now, heads, day)
+        free = s.max_concurrent_per_device - tally[0].held
+        if free <= 0 or not heads:
+            self._batch(conn, [], commit=True)
+            return Pass([], None)
+        return self._admit(conn, device, s, now, heads, free, claim_as)
 
     def _candidates(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any],
                     day: list[list[Any]]) -> list[Any]:
@@ -693,30 +694,26 @@ class Store:
         return [h for h in heads if h.app_id not in over]
 
     def _admit(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any], free: int,
-               claim_as: str | None, lock: bool) -> Pass:
-        """Admit the fair share of ``free`` slots among ``heads`` and commit: under the lock this
-        transaction holds, or (``lock``) takes in the same round trip. With ``claim_as`` (an
+               claim_as: str | None) -> Pass:
+        """Admit the fair share of ``free`` slots among ``heads`` and commit. With ``claim_as`` (an
         attempt's owner) the first pick is claimed for that owner at once, not dispatched."""
         share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
                                   s.weights, heads[0].vnow or 0.0)
-        seen = {h.id: h.lease_token for h in heads}
-        fence = {"device": device, "cap": s.max_concurrent_per_device, "now": now}
-        admits = [(_ADMIT, {**fence, "id": rid, "token": seen[rid], "expires": now + s.dispatch_seconds})
-                  for rid in share.picked]
+        token = {h.id: h.lease_token + 1 for h in heads}
+        expires = now + s.dispatch_seconds
+        admits = [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
         if claim_as is not None and admits:  # the first pick runs here: admitted and claimed at once
-            admits[0] = (_ADMIT_RUNNING, {**admits[0][1], "owner": claim_as, "expires": now + s.lease_seconds})
-        clocks = {**share.clocks, "": share.now}  # (a pick lost to a concurrent pass still counts: rare)
+            admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "owner": claim_as, "expires": now + s.lease_seconds,
+                                          "now": now, "device": device})
+        clocks = {**share.clocks, "": share.now}
         turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
                  **{f"clock{i}": c for i, c in enumerate(clocks.values())}}
-        locking = [(self._lock(durable=False), {"device": device})] if lock else []
-        results = self._batch(conn, [*locking, *admits, (_turns(len(clocks)), turns)], commit=True)
-        admitted = [r[0] for r in results[len(locking):len(locking) + len(admits)] if r]
-        claimed = None
-        if claim_as is not None and admitted and admitted[0].id == share.picked[0]:
-            first = admitted.pop(0)._asdict()
-            claimed = {**first, "conditions": _conditions(first["conditions"], now)}
-        lost = len(admitted) + bool(claimed) < len(admits)
-        return Pass([(r.id, r.lease_token) for r in admitted], claimed, lost)
+        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns)], commit=True)
+        picks = [(rid, token[rid]) for rid in share.picked]
+        if claim_as is None or not picks:
+            return Pass(picks, None)
+        first = results[0][0]._asdict()
+        return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> dict[str, Any]:
         """What an admission pass does before it can admit, when there is something to do: note
@@ -760,18 +757,22 @@ class Store:
         cur = ClientCursor(raw, row_factory=namedtuple_row)
         begin = conn.info.pop(_BEGIN, False)
         known = _PREPARED.get(raw)
-        if known is None:  # a new connection, or one whose last batch failed midway: ask
-            known = _PREPARED[raw] = {r[0] for r in raw.execute(
-                "SELECT name FROM pg_prepared_statements WHERE name LIKE 'bgt\\_%'")}
+        if known is None:  # a new connection, or one whose last batch failed: start afresh (a failed
+            # statement may have been prepared, or its plan made stale by a migration)
+            names = [r[0] for r in raw.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'bgt\\_%'")]
+            if names:
+                raw.execute(";".join(f"DEALLOCATE {n}" for n in names))
+            known = _PREPARED[raw] = set()
+        new = []
         sent: list[tuple[str, int | None]] = [("BEGIN", None)] if begin else []  # (text, step whose rows)
         for i, (stmt, params) in enumerate(steps):
             if stmt is _COMMIT_SO_FAR:
                 sent += [("COMMIT", None), ("BEGIN", None)]
                 continue
             name, prepare, names = _prepared(stmt)
-            if name not in known:
+            if name not in known and name not in new:
                 sent.append((prepare, None))
-                known.add(name)
+                new.append(name)
             sent.append((cur.mogrify(f"EXECUTE {name}({', '.join(f'%({n})s' for n in names)})" if names
                                      else f"EXECUTE {name}", _bind(params)), i))
         try:
@@ -779,6 +780,7 @@ class Store:
         except Exception:
             del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
             raise
+        known.update(new)
         out: list[list[Any]] = [[] for _ in steps]
         for _, step in sent:
             if step is not None and cur.pgresult is not None and cur.pgresult.status == pq.ExecStatus.TUPLES_OK:
@@ -855,12 +857,14 @@ class Store:
         or paused the request meanwhile, or bytes are to count against a quota (``used``)."""
         now = time.time()
         if not used:
-            done = self._admission(device, s, now, claim_as, ending=_renew(request_id, token, _ending(fields, now),
-                                                                           plain=True))
+            with self.tx() as conn:
+                done = self._pass(conn, device, s, now, claim_as, ending=_renew(
+                    request_id, token, _ending(fields, now), plain=True))
             if done is not None:
                 return done
         self.finish(request_id, token, used, **fields)
-        return self._admission(device, s, now, claim_as)  # type: ignore[return-value]
+        with self.tx() as conn:
+            return self._pass(conn, device, s, now, claim_as)  # type: ignore[return-value]
 
 
 # An attempt's statements, fenced by its token.
