@@ -715,10 +715,10 @@ class Store:
         first = results[0][0]._asdict()
         return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
 
-    def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> dict[str, Any]:
+    def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> None:
         """What an admission pass does before it can admit, when there is something to do: note
         apps that left the foreground, reclaim expired leases, decide. ``dev`` is the device's
-        row, locked. Returns the device's conditions as stored."""
+        row, locked."""
         stored, version = dict(dev.conditions), dev.cond_version
         if _left_foreground(stored, now):  # a change of conditions too
             stored["foreground"] = {a: t for a, t in stored["foreground"].items() if t > now}
@@ -735,7 +735,6 @@ class Store:
             conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
                                   "n": len(expired)})
         self._decide(conn, device, _conditions(stored, now), version, s, now)
-        return stored
 
     def _batch(self, conn: Connection, steps: list[Step], commit: bool = False) -> list[list[Any]]:
         """Run statements in order on the driver's own connection (in ``conn``'s transaction) and
