@@ -383,6 +383,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self._pid = -1
+        self._seen: dict[str, tuple[dict[str, Any], int]] = {}  # a device's conditions as last read (adds)
         self._engine: Engine | None = None
         self._turns: WriterTurns | None = None
         self.migrate()
@@ -509,6 +510,8 @@ class Store:
 
     def _add(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
         now = time.time()
+        if self.dialect == "postgresql" and self._add_at_once(row, s, now):
+            return []
         device, app = row["device"], row["app_id"]
         cap = s.max_concurrent_per_device
         arrive = [(_ARRIVE, {"device": device}), (_DEVICE, {"device": device}), (_ADD_CHECKS, {
@@ -532,23 +535,54 @@ class Store:
             if target_of and row["direction"] == "download":
                 raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
             d = _verdict(row, _conditions(dev.conditions, now), s)
-            writes: list[Step] = [(_INSERT, {
-                **_NEW_REQUEST, **row, "seq": seq, "phase": "queued", "status": TransferStatus.WAITING.value,
-                "created_at": now, "updated_at": now, **_verdict_values(d, dev.cond_version, now)})]
+            writes: list[Step] = [(_INSERT, {**_new_row(row, d, dev.cond_version, now), "seq": seq})]
             if not known_app:
                 writes.append((_FIRST_TURN, {"device": device, "app": app}))
             writes += _verdict_counts(device, {d: 1})
             if self.dialect != "postgresql":  # no other writer can come in between: pass now if it could start
                 self._batch(conn, writes)
                 return self._pass(conn, device, s, now).picks if d.action == "admit" and held < cap else []
-            # Once it is stored, whether to wake is read under the passes' lock: a pass that read
-            # the queue before this request was stored has freed its slot by then, or frees it
-            # after and then reads the queue again (see _pass); and if the conditions changed
-            # since they were read above, a pass decides this request again.
-            wake = [(_COMMIT_SO_FAR, {}), (self._lock(durable=False), {"device": device}), (_WAKE, {
-                "device": device, "cap": cap if d.action == "admit" else 0, "version": dev.cond_version})]
-            self._batch(conn, [*writes, *wake], commit=True)
+            self._seen[device] = dev.conditions, dev.cond_version
+            self._batch(conn, [*writes, *self._wake(device, d, dev.cond_version, s)], commit=True)
             return []
+
+    def _add_at_once(self, row: dict[str, Any], s: Settings, now: float) -> bool:
+        """PostgreSQL: an add in one round trip, decided under the device's conditions as this
+        process last read them (if they changed since, the wake-up has a pass decide it again),
+        with the counted rules checked by a guard that fails the transaction: False (nothing
+        stored) then, or when the conditions were never read here, or the verdict would fail
+        the request, so that the caller takes the checked way, which says which rule refused."""
+        device, app = row["device"], row["app_id"]
+        seen = self._seen.get(device)
+        if seen is None:
+            return False
+        d = _verdict(row, _conditions(seen[0], now), s)
+        if d.action == "fail":  # final: only under conditions read now
+            return False
+        guard = {"id": row["id"], "app": app, "device": device, "path": row["local_path"],
+                 "direction": row["direction"], "max_app": s.max_outstanding_per_app,
+                 "max_queued": s.max_queued_per_device}
+        steps = [(_ARRIVE, {"device": device}), (_ADD_GUARD, guard), (_INSERT_NEXT, _new_row(row, d, seen[1], now)),
+                 (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1}),
+                 *self._wake(device, d, seen[1], s)]
+        try:
+            with self.tx() as conn:
+                *_, [dev], _ = self._batch(conn, steps, commit=True)
+        except (psycopg.errors.DivisionByZero, psycopg.errors.IntegrityError):  # refused, or a racing twin
+            return False
+        self._seen[device] = dev.conditions, dev.cond_version
+        return True
+
+    def _wake(self, device: str, d: policy.Decision, version: int, s: Settings) -> list[Step]:
+        """PostgreSQL: after an add's commit, the device's workers woken if a slot is free for it,
+        or if the conditions changed since ``version`` (a pass decides it again); and the
+        device's row read. Whether a slot is free is read after the commit: a pass whose read of
+        the queue missed this request freed its slot before that read, so before this one,
+        which sees the slot free (or taken again by that pass, whose next one sees this
+        request). No lock is needed for that, so an add never waits for a pass."""
+        cap = s.max_concurrent_per_device if d.action == "admit" else 0
+        return [(_COMMIT_SO_FAR, {}), (_DEVICE, {"device": device}),
+                (_WAKE, {"device": device, "cap": cap, "version": version})]
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -879,6 +913,12 @@ _RUNNING_COUNTS = sa.text(
     " (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running' AND app_id = :app)")
 _INSERT = sa.text(f"INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) "
                   f"VALUES ({', '.join(':' + c.name for c in requests.c)})")
+_INSERT_NEXT = sa.text(  # the same, its seq the one its add's _ARRIVE took
+    _INSERT.text.replace(":seq,", "(SELECT next_seq - 1 FROM bgt_queues WHERE device = :device),"))
+_ADD_GUARD = sa.text(  # PostgreSQL: fails the transaction (a division by zero) when a rule refuses the add
+    "SELECT 1 / (CASE WHEN c.exists_ = 0 AND c.n_app < :max_app AND q.live < :max_queued"
+    " AND (c.target_of IS NULL OR :direction <> 'download') THEN 1 ELSE 0 END)"
+    f" FROM ({_ADD_CHECKS.text}) c, (SELECT live - 1 AS live FROM bgt_queues WHERE device = :device) q")
 _NEW_REQUEST = {c.name: c.default.arg if c.default is not None else None for c in requests.c}  # what an add omits
 Step = tuple[sa.TextClause, Mapping[str, Any]]  # a statement and its parameters, for Store._batch
 
@@ -898,6 +938,12 @@ def _turns(n: int) -> sa.TextClause:
     rows = ", ".join(f"(:device, :app{i}, :clock{i})" for i in range(n))
     return sa.text(f"INSERT INTO bgt_app_turns (device, app_id, clock) VALUES {rows} "
                    "ON CONFLICT (device, app_id) DO UPDATE SET clock = excluded.clock")
+
+
+def _new_row(row: Mapping[str, Any], d: policy.Decision, version: int, now: float) -> dict[str, Any]:
+    """A new request's columns (but its seq), queued with the verdict ``d`` made under ``version``."""
+    return {**_NEW_REQUEST, **row, "phase": "queued", "status": TransferStatus.WAITING.value,
+            "created_at": now, "updated_at": now, **_verdict_values(d, version, now)}
 
 
 def _running(request_id: str, token: int) -> Step:

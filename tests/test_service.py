@@ -106,6 +106,7 @@ def test_upload_source_must_exist_and_fit(deployment: Deployment) -> None:
     assert len(svc.requests) == 1
 
 
+@pytest.mark.parametrize("deployment", STORES, indirect=True)
 def test_download_target_rules(deployment: Deployment) -> None:
     svc = deployment.service("photos")
     box = deployment.sandbox("photos")
@@ -119,6 +120,7 @@ def test_download_target_rules(deployment: Deployment) -> None:
     deployment.service("music").add(download("same.bin"))
 
 
+@pytest.mark.parametrize("deployment", STORES, indirect=True)
 def test_per_app_and_per_device_quotas(deployment: Deployment) -> None:
     s = deployment.settings
     small = type(s)(**{**vars(s), "max_outstanding_per_app": 3, "max_queued_per_device": 5})
