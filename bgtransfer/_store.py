@@ -173,7 +173,10 @@ _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index ran
 # the number of apps or the queue's length. Each app's range of the heads index is walked only
 # to its first rows. PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN
 # list per app the same way (PostgreSQL would instead test that list against every queued row).
-_QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
+# (decided under the conditions now: an add may have stored a verdict made under older ones,
+# which the next pass decides again)
+_QUEUED = ("phase = 'queued' AND admissible AND not_before <= :now"
+           " AND decided_version >= (SELECT cond_version FROM bgt_devices WHERE name = :device)")
 _NEXT = f"SELECT {{cols}} FROM bgt_requests WHERE device = :device AND app_id = t.app_id AND {_QUEUED} ORDER BY seq"
 _TURNS = (  # the apps whose turn comes first, with their clocks and the device's virtual time
     "(SELECT app_id, clock, vnow FROM (SELECT app_id, clock, ({now}) AS vnow, ({head} LIMIT 1) AS head"
@@ -220,9 +223,11 @@ _HOLD_QUEUE = sa.text("UPDATE bgt_queues SET live = live WHERE device = :device"
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
     sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
-_FIRST_TURN = sa.text(  # an app's first request on a device makes it one of the device's apps
-    "INSERT INTO bgt_app_turns (device, app_id, clock) VALUES (:device, :app, 0) "
-    "ON CONFLICT (device, app_id) DO NOTHING")
+_FIRST_TURN = sa.text(  # an app's first request on a device makes it one of the device's apps (an app
+    # already one is not inserted again: that would wait for a pass that is moving its clock)
+    "INSERT INTO bgt_app_turns (device, app_id, clock) SELECT :device, :app, 0 WHERE NOT EXISTS "
+    "(SELECT 1 FROM bgt_app_turns WHERE device = CAST(:device AS VARCHAR) AND app_id = CAST(:app AS VARCHAR)) "
+    "ON CONFLICT (device, app_id) DO NOTHING")  # (the casts: one type for each parameter in both places)
 _COUNT = sa.text(
     "INSERT INTO bgt_counters (device, metric, decision, reason, value) VALUES (:device, :metric, :decision, "
     ":reason, :n) ON CONFLICT (device, metric, decision, reason) DO UPDATE SET value = bgt_counters.value + :n")
@@ -483,6 +488,7 @@ class Store:
             cond = _conditions(stored, now)  # validates before anything is written
             conn.execute(devices.update().where(devices.c.name == device).values(
                 conditions=stored, cond_version=dev.cond_version + 1))
+            self._seen[device] = stored, dev.cond_version + 1  # (this process's next add decides under them)
             return cond
 
     # ------------------------------------------------------------------ requests

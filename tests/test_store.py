@@ -339,3 +339,20 @@ def test_a_wait_for_conditions_ends_when_they_hold_even_before_a_slot_is_free(en
     assert store.promote(dep.device, dataclasses.replace(s, max_concurrent_per_device=0)) == []  # no slot
     row = store.get(rid)
     assert row["admissible"] and row["status"] == TransferStatus.WAITING.value and row["wait_reason"] is None
+
+
+def test_an_add_decided_under_conditions_changed_elsewhere_is_decided_again_first(env) -> None:
+    """A PostgreSQL add decides under the device's conditions as its process last read them: if
+    another process changed them since, no pass admits the request before deciding it again."""
+    store, s, dep = env
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})  # read by this process
+    elsewhere = Store(s.store_url)
+    try:
+        elsewhere.set_conditions(dep.device, {"network": "cellular"})
+    finally:
+        elsewhere.close()
+    (rid,) = add(store, s, "a", 1, dep.device)
+    assert store.promote(dep.device, s) == []  # on cellular a request with no preferences waits
+    row_now = store.get(rid)
+    assert row_now["phase"] == "queued" and not row_now["admissible"]
+    assert row_now["status"] == TransferStatus.WAITING_FOR_WIFI.value
