@@ -173,10 +173,7 @@ _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index ran
 # the number of apps or the queue's length. Each app's range of the heads index is walked only
 # to its first rows. PostgreSQL says so with LATERAL; SQLite has none, and runs a correlated IN
 # list per app the same way (PostgreSQL would instead test that list against every queued row).
-# (decided under the conditions now: an add may have stored a verdict made under older ones,
-# which the next pass decides again)
-_QUEUED = ("phase = 'queued' AND admissible AND not_before <= :now"
-           " AND decided_version >= (SELECT cond_version FROM bgt_devices WHERE name = :device)")
+_QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
 _NEXT = f"SELECT {{cols}} FROM bgt_requests WHERE device = :device AND app_id = t.app_id AND {_QUEUED} ORDER BY seq"
 _TURNS = (  # the apps whose turn comes first, with their clocks and the device's virtual time
     "(SELECT app_id, clock, vnow FROM (SELECT app_id, clock, ({now}) AS vnow, ({head} LIMIT 1) AS head"
@@ -186,10 +183,11 @@ _TURNS = (  # the apps whose turn comes first, with their clocks and the device'
     head=_NEXT.format(cols="seq"), greatest="{greatest}")
 _HEADS = {
     "postgresql": sa.text(
-        f"SELECT r.id, t.app_id, r.lease_token, t.clock, t.vnow FROM {_TURNS.format(greatest='greatest')}"
-        f" CROSS JOIN LATERAL ({_NEXT.format(cols='id, lease_token, seq')} LIMIT :free) r ORDER BY r.seq"),
+        f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
+        f"{_TURNS.format(greatest='greatest')} CROSS JOIN LATERAL "
+        f"({_NEXT.format(cols='id, lease_token, decided_version, seq')} LIMIT :free) r ORDER BY r.seq"),
     "sqlite": sa.text(
-        f"SELECT r.id, t.app_id, r.lease_token, t.clock, t.vnow FROM {_TURNS.format(greatest='max')}"
+        f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM {_TURNS.format(greatest='max')}"
         f" JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
 }
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
@@ -707,11 +705,12 @@ class Store:
         else:  # a device's first pass
             self._create_device(conn, device)
             dev, [tally, heads, *day] = self._lock_device(conn, device, durable, then=survey)
-        if tally[0].expired or (tally[0].oldest_verdict is not None and tally[0].oldest_verdict < dev.cond_version) \
+        version = dev.cond_version
+        if tally[0].expired or (tally[0].oldest_verdict is not None and tally[0].oldest_verdict < version) \
                 or _left_foreground(dev.conditions, now):
-            self._refresh(conn, device, s, now, dev)
+            version = self._refresh(conn, device, s, now, dev)
             tally, heads, *day = self._batch(conn, survey)
-        heads = self._candidates(conn, device, s, now, heads, day)
+        heads = self._candidates(conn, device, s, now, heads, day, version)
         free = s.max_concurrent_per_device - tally[0].held
         if free <= 0 or not heads:
             self._batch(conn, [], commit=True)
@@ -719,19 +718,20 @@ class Store:
         return self._admit(conn, device, s, now, heads, free, claim_as)
 
     def _candidates(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any],
-                    day: list[list[Any]]) -> list[Any]:
-        """The heads a pass may pick from: without the apps over their daily quota, whose
-        requests wait, saying why, until their older bytes leave the window (the others' heads
-        are read again, as far down the turns as the over apps could take)."""
+                    day: list[list[Any]], version: int) -> list[Any]:
+        """The heads a pass may pick from: only those decided under the conditions now (``version``:
+        an add may have stored a verdict made under older ones, which its wake-up has the next
+        pass decide again), and not of the apps over their daily quota, whose requests wait,
+        saying why, until their older bytes leave the window (the others' heads are read again,
+        as far down the turns as the over apps could take)."""
         over = policy.over_quota(dict(day[0]) if day else {}, s) if heads else {}
-        if not over:
-            return heads
-        *_, heads = self._batch(conn, [
-            *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
-              for app, reason in over.items()),
-            (_HEADS[self.dialect], {"device": device, "now": now, "free": s.max_concurrent_per_device,
-                                    "apps": s.max_concurrent_per_device + len(over)})])
-        return [h for h in heads if h.app_id not in over]
+        if over:
+            *_, heads = self._batch(conn, [
+                *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
+                  for app, reason in over.items()),
+                (_HEADS[self.dialect], {"device": device, "now": now, "free": s.max_concurrent_per_device,
+                                        "apps": s.max_concurrent_per_device + len(over)})])
+        return [h for h in heads if h.app_id not in over and h.decided_version >= version]
 
     def _admit(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any], free: int,
                claim_as: str | None) -> Pass:
@@ -755,10 +755,10 @@ class Store:
         first = results[0][0]._asdict()
         return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
 
-    def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> None:
+    def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> int:
         """What an admission pass does before it can admit, when there is something to do: note
         apps that left the foreground, reclaim expired leases, decide. ``dev`` is the device's
-        row, locked."""
+        row, locked. Returns the version of the conditions it decided under."""
         stored, version = dict(dev.conditions), dev.cond_version
         if _left_foreground(stored, now):  # a change of conditions too
             stored["foreground"] = {a: t for a, t in stored["foreground"].items() if t > now}
@@ -775,6 +775,7 @@ class Store:
             conn.execute(_COUNT, {"device": device, "metric": "reclaim", "decision": "", "reason": "",
                                   "n": len(expired)})
         self._decide(conn, device, _conditions(stored, now), version, s, now)
+        return version
 
     def _batch(self, conn: Connection, steps: list[Step], commit: bool = False) -> list[list[Any]]:
         """Run statements in order on the driver's own connection (in ``conn``'s transaction) and
