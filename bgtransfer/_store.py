@@ -162,8 +162,7 @@ _ADD_CHECKS = sa.text(  # rule 5 and the duplicates an add must refuse, in one r
     " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed) AS n_app,"
     " (SELECT min(id) FROM bgt_requests WHERE app_id = :app AND NOT removed AND direction = 'download'"
     " AND local_path = :path) AS target_of,"
-    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"  # whether a pass could admit anything
-    " (SELECT count(*) FROM bgt_app_turns WHERE device = :device AND app_id = :app) AS known_app")
+    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held")  # whether a pass could admit anything
 _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index range
     "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
     "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version < :version")
@@ -217,7 +216,6 @@ _ARRIVE = sa.text(  # an add's turn on the device's queue row (rolled back with 
     "UPDATE bgt_queues SET next_seq = next_seq + 1, live = live + 1 WHERE device = :device "
     "RETURNING next_seq - 1 AS seq, live - 1 AS live")
 _GONE = sa.text("UPDATE bgt_queues SET live = live - 1 WHERE device = :device")
-_HOLD_QUEUE = sa.text("UPDATE bgt_queues SET live = live WHERE device = :device")  # its lock, in both dialects
 _GET = sa.select(requests).where(
     requests.c.id == sa.bindparam("rid"), requests.c.removed.is_(False),
     sa.or_(sa.bindparam("app", type_=sa.String).is_(None), requests.c.app_id == sa.bindparam("app", type_=sa.String)))
@@ -521,10 +519,10 @@ class Store:
         arrive = [(_ARRIVE, {"device": device}), (_DEVICE, {"device": device}), (_ADD_CHECKS, {
             "id": row["id"], "app": app, "device": device, "path": row["local_path"]})]
         with self.tx() as conn:
-            arrived, dev, [(exists, n_app, target_of, held, known_app)] = self._batch(conn, arrive)
+            arrived, dev, [(exists, n_app, target_of, held)] = self._batch(conn, arrive)
             if not arrived or not dev:
                 self._create_device(conn, device)
-                arrived, dev, [(exists, n_app, target_of, held, known_app)] = self._batch(conn, arrive)
+                arrived, dev, [(exists, n_app, target_of, held)] = self._batch(conn, arrive)
             (seq, live), dev = arrived[0], dev[0]
             if exists:
                 raise TransferError(f"request {row['id']} was already added")
@@ -539,10 +537,8 @@ class Store:
             if target_of and row["direction"] == "download":
                 raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
             d = _verdict(row, _conditions(dev.conditions, now), s)
-            writes: list[Step] = [(_INSERT, {**_new_row(row, d, dev.cond_version, now), "seq": seq})]
-            if not known_app:
-                writes.append((_FIRST_TURN, {"device": device, "app": app}))
-            writes += _verdict_counts(device, {d: 1})
+            writes: list[Step] = [(_INSERT, {**_new_row(row, d, dev.cond_version, now), "seq": seq}),
+                                  (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1})]
             if self.dialect != "postgresql":  # no other writer can come in between: pass now if it could start
                 self._batch(conn, writes)
                 return self._pass(conn, device, s, now).picks if d.action == "admit" and held < cap else []
@@ -616,8 +612,6 @@ class Store:
             if locked == row["device"]:
                 return row
             locked = row["device"]
-            # an add holds its device's queue row while it waits for the device's: the same order here
-            self._batch(conn, [(_HOLD_QUEUE, {"device": locked})])
             self._lock_device(conn, locked)
 
     def remove(self, app_id: str, request_id: str) -> tuple[dict[str, Any], bool]:
@@ -686,9 +680,9 @@ class Store:
         still holds (None if not), and on PostgreSQL commits before the lock is taken: no lock
         is held while a durable commit waits for its WAL flush (but for a claim: see below).
 
-        No admission is missed: every read of what is held and queued is made under the lock,
-        and whatever frees a slot (an outcome) or stores a request (an add) commits before its
-        own read (or wake-up) is made: so whichever of two such reads comes second sees both.
+        No admission is missed: whatever frees a slot (an outcome) or stores a request (an add)
+        commits before its own read (this pass's, or the add's wake-up check, see ``_wake``), so
+        whichever of two such reads comes second sees both.
 
         A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
         lose of it is recomputed by the next one; not one that claims a request for its caller
@@ -784,11 +778,11 @@ class Store:
         takes to run these statements. On PostgreSQL they travel in one round trip, with the
         transaction's BEGIN if it has not begun and the COMMIT when ``commit``, as one string of
         statements with their parameters bound by psycopg (a pipeline of server-bound
-        statements costs the client about three times the CPU). SQLite is in-process, where a
+        statements cost the client over twice the CPU). SQLite is in-process, where a
         round trip costs nothing (its COMMIT comes when the transaction ends)."""
         raw = conn.connection.driver_connection
         if self.dialect != "postgresql":  # (one transaction: SQLite's commits do not wait for a flush)
-            return [_rows(raw.execute(_sql(stmt, "sqlite"), _bind(params))) if stmt is not _COMMIT_SO_FAR else []
+            return [_rows(raw.execute(_sql(stmt), _bind(params))) if stmt is not _COMMIT_SO_FAR else []
                     for stmt, params in steps]
         if not steps:
             if commit:
@@ -1024,14 +1018,14 @@ def _prepared(stmt: sa.TextClause) -> tuple[str, str, tuple[str, ...]]:
     return name, f"PREPARE {name} AS {body}", names
 
 
-_DIALECTS = {"postgresql": postgresql.psycopg.dialect(), "sqlite": sqlite.dialect(paramstyle="named")}
+_SQLITE = sqlite.dialect(paramstyle="named")
 _JSON = frozenset(c.name for t in (requests, devices) for c in t.c if isinstance(c.type, sa.JSON))
 
 
 @functools.cache
-def _sql(stmt: sa.TextClause, dialect: str) -> str:
-    """A text statement in the driver's own parameter style (psycopg's, or sqlite3's)."""
-    return str(stmt.compile(dialect=_DIALECTS[dialect]))
+def _sql(stmt: sa.TextClause) -> str:
+    """A text statement in sqlite3's parameter style (PostgreSQL's are prepared: ``_prepared``)."""
+    return str(stmt.compile(dialect=_SQLITE))
 
 
 def _bind(params: Mapping[str, Any]) -> dict[str, Any]:
