@@ -83,7 +83,8 @@ Backends (``--backends``, comma-separated; default all three, ``--quick``: embed
 Diagnostics
     CPU ms per transfer (user + system, from /proc and ``time.process_time``) of this process
     (the client: adds or sends, and its polling), the workers' main processes, their pool
-    children and the file server, from just before the first add or send until all are done
+    children, the file server and the machine's services (PostgreSQL, RabbitMQ and Redis
+    processes, idle ones included), from just before the first add or send until all are done
     (for part 3 the adds are included although they are not timed). For bgtransfer also: add
     p50 / p99 (ms per ``svc.add``) and the time to add all; broker deliveries per transfer (the
     worker logs' "Task ...[...] received" lines); on PostgreSQL the committed transactions
@@ -470,9 +471,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15 of stat)
 
 
+SERVICES = ("postgres", "beam.smp", "redis-server")  # the store's and the brokers' processes, by name
+
+
+def service_pids() -> list[int]:
+    """The machine's PostgreSQL, RabbitMQ and Redis processes (whoever started them)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() in SERVICES:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 class CpuMeter:
     """CPU seconds spent during a timed window by: this process (the client: adds or sends, and
-    the polling), each worker's main process, its pool children, and the file server."""
+    the polling), each worker's main process, its pool children, the file server, and the
+    services (PostgreSQL, RabbitMQ, Redis: all of them, idle ones included, so compare this
+    column between variants of one run; a PostgreSQL backend that ends within the window is
+    not counted, which the variants' long-lived connections make rare)."""
 
     def __init__(self, workers: list[Any], server_pid: int) -> None:
         self.workers, self.server_pid = workers, server_pid
@@ -481,12 +500,13 @@ class CpuMeter:
     def read(self) -> dict[str, Any]:
         return {"client": time.process_time(), "server": cpu_seconds(self.server_pid),
                 "main": {w.pid: cpu_seconds(w.pid) for w in self.workers},
-                "pool": {c: cpu_seconds(c) for w in self.workers for c in w.children()}}
+                "pool": {c: cpu_seconds(c) for w in self.workers for c in w.children()},
+                "services": {p: cpu_seconds(p) for p in service_pids()}}
 
     def per_transfer_ms(self, n: int) -> dict[str, float]:
         end, start = self.read(), self.start
         out = {k: end[k] - start[k] for k in ("client", "server")}
-        for k in ("main", "pool"):
+        for k in ("main", "pool", "services"):
             out[k] = sum(v - start[k].get(pid, 0.0) for pid, v in end[k].items())
         out["total"] = sum(out.values())
         return {k: 1000 * v / n for k, v in out.items()}
@@ -792,11 +812,12 @@ def report(result: dict[str, Any]) -> str:
                         f"{pg['tup_updated']:.1f} updated" if pg else ""))
         lines.append(f"  plain celery: sending all {n}: {plain_d['send_all_s']:.2f} s of {plain_d['seconds']:.2f} s, "
                      f"{plain_d['deliveries_per_transfer']:.2f} broker deliveries per transfer")
-        lines.append(f"  CPU ms per transfer {'client':>8} {'w. main':>8} {'w. pool':>8} {'server':>8} {'total':>8}")
+        lines.append(f"  CPU ms per transfer {'client':>8} {'w. main':>8} {'w. pool':>8} {'server':>8} {'services':>8} "
+                     f"{'total':>8}")
         for v in (BGT, PLAIN, PLAIN_BGT):
             x = best(r["small"][v]["samples"])["cpu_ms_per_transfer"]
-            lines.append(f"    {v[:32]:<32} " + " ".join(f"{x[k]:>8.2f}" for k in ("client", "main", "pool", "server",
-                                                                                    "total")))
+            lines.append(f"    {v[:32]:<32} " + " ".join(f"{x.get(k, 0.0):>8.2f}" for k in (
+                "client", "main", "pool", "server", "services", "total")))
         for d, xs in qd.items():
             x = min(xs["samples"], key=lambda y: y["ms_per_transfer"])
             if "pg_per_transfer" in x:

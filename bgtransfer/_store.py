@@ -154,7 +154,8 @@ _TALLY = sa.text(  # read after the device lock, so no other pass can change the
     f" (SELECT count(*) FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now))"
     " AS expired, (SELECT min(decided_version) FROM bgt_requests WHERE device = :device AND phase = 'queued'"
     " AND decided_version IS NOT NULL)"
-    " AS oldest_verdict")  # one step down the undecided index: older than the conditions means stale
+    " AS oldest_verdict,"  # one step down the undecided index: older than the conditions means stale
+    " (SELECT next_seq FROM bgt_queues WHERE device = :device) AS arrivals")  # before the heads are read
 _EXPIRED = sa.text(
     f"SELECT id, removed FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now)")
 _ADD_CHECKS = sa.text(  # rule 5 and the duplicates an add must refuse, in one read
@@ -190,11 +191,14 @@ _HEADS = {
         f" JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
 }
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
-# new transaction, so that a lock taken after it is not held while that commit waits for its flush.
+# new transaction (which reads what the commit made visible: an add's wake-up, a pass's recheck).
 _COMMIT_SO_FAR = sa.text("COMMIT")
 _WAKE = sa.text(  # the device's workers (Wakeups): a slot is free, or the conditions changed meanwhile
     f"SELECT pg_notify('bgtransfer', :device) WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
     "OR (SELECT cond_version FROM bgt_devices WHERE name = :device) <> :version")
+_ARRIVED = sa.text(  # after a pass that left a slot free: wake the workers if an add came since its read
+    "SELECT pg_notify('bgtransfer', :device) WHERE (SELECT next_seq FROM bgt_queues WHERE device = :device)"
+    " <> :arrivals")
 _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
@@ -576,10 +580,9 @@ class Store:
     def _wake(self, device: str, d: policy.Decision, version: int, s: Settings) -> list[Step]:
         """PostgreSQL: after an add's commit, the device's workers woken if a slot is free for it,
         or if the conditions changed since ``version`` (a pass decides it again); and the
-        device's row read. Whether a slot is free is read after the commit: a pass whose read of
-        the queue missed this request freed its slot before that read, so before this one,
-        which sees the slot free (or taken again by that pass, whose next one sees this
-        request). No lock is needed for that, so an add never waits for a pass."""
+        device's row read. Whether a slot is free is read after the commit, and a pass that leaves
+        a slot free reads the arrivals after its own (``_recheck``), so one of the two reads
+        sees the other's commit. No lock is needed for that, so an add never waits for a pass."""
         cap = s.max_concurrent_per_device if d.action == "admit" else 0
         return [(_COMMIT_SO_FAR, {}), (_DEVICE, {"device": device}),
                 (_WAKE, {"device": device, "cap": cap, "version": version})]
@@ -676,20 +679,22 @@ class Store:
               ending: Step | None = None) -> Pass | None:
         """An admission pass in ``conn``'s transaction, which it commits: two round trips that
         hold the device's lock from the first to the commit at the end of the second: read what
-        the pass needs, then admit. ``ending`` (an attempt's outcome) is written first, if it
-        still holds (None if not), and on PostgreSQL commits before the lock is taken: no lock
-        is held while a durable commit waits for its WAL flush (but for a claim: see below).
+        the pass needs, then admit. ``ending`` (an attempt's outcome) is written first, in the
+        same transaction, if it still holds (None if not): the slot it frees is seen free by no
+        one but this pass, which gives it to the next request (an add's wake-up check sees it
+        held, and wakes no worker for it).
 
-        No admission is missed: whatever frees a slot (an outcome) or stores a request (an add)
-        commits before its own read (this pass's, or the add's wake-up check, see ``_wake``), so
-        whichever of two such reads comes second sees both.
+        No admission is missed: an add reads whether a slot is free after its commit (see
+        ``_wake``), and a pass that leaves a slot free reads whether a request arrived after
+        its commit (``_recheck``): whichever of the two reads comes second sees both commits.
 
         A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
-        lose of it is recomputed by the next one; not one that claims a request for its caller
-        (``claim_as``), who moves bytes at once: a lost claim could give its token out again."""
-        first = [ending, (_COMMIT_SO_FAR, {})] if ending else []
+        lose of it is recomputed by the next one; not one that records an outcome, nor one that
+        claims a request for its caller (``claim_as``), who moves bytes at once: a lost claim
+        could give its token out again."""
+        first = [ending] if ending else []
         survey = self._survey(device, s, now)
-        durable = claim_as is not None
+        durable = claim_as is not None or ending is not None
         rows = self._batch(conn, [*first, (self._lock(durable), {"device": device}), *survey])
         if ending and not rows[0]:
             return None
@@ -707,9 +712,9 @@ class Store:
         heads = self._candidates(conn, device, s, now, heads, day, version)
         free = s.max_concurrent_per_device - tally[0].held
         if free <= 0 or not heads:
-            self._batch(conn, [], commit=True)
+            self._batch(conn, self._recheck(device, tally[0], free), commit=True)
             return Pass([], None)
-        return self._admit(conn, device, s, now, heads, free, claim_as)
+        return self._admit(conn, device, s, now, heads, free, claim_as, tally[0])
 
     def _candidates(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any],
                     day: list[list[Any]], version: int) -> list[Any]:
@@ -728,7 +733,7 @@ class Store:
         return [h for h in heads if h.app_id not in over and h.decided_version >= version]
 
     def _admit(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any], free: int,
-               claim_as: str | None) -> Pass:
+               claim_as: str | None, tally: Any) -> Pass:
         """Admit the fair share of ``free`` slots among ``heads`` and commit. With ``claim_as`` (an
         attempt's owner) the first pick is claimed for that owner at once, not dispatched."""
         share = policy.fair_share([(h.app_id, h.id) for h in heads], {h.app_id: h.clock for h in heads}, free,
@@ -742,12 +747,22 @@ class Store:
         clocks = {**share.clocks, "": share.now}
         turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
                  **{f"clock{i}": c for i, c in enumerate(clocks.values())}}
-        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns)], commit=True)
+        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns),
+                                     *self._recheck(device, tally, free - len(admits))], commit=True)
         picks = [(rid, token[rid]) for rid in share.picked]
         if claim_as is None or not picks:
             return Pass(picks, None)
         first = results[0][0]._asdict()
         return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
+
+    def _recheck(self, device: str, tally: Any, free: int) -> list[Step]:
+        """What a pass that leaves ``free`` slots free runs after its commit (PostgreSQL): an add
+        that committed after its read of the queue may have read the slots as held, before this
+        commit freed them (see ``_pass``), so if the device's arrivals moved on since ``tally``
+        read them, the workers are woken for a pass that sees the add."""
+        if free <= 0 or self.dialect != "postgresql":
+            return []  # (SQLite: an add runs its own pass, in turn with every other writer)
+        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> int:
         """What an admission pass does before it can admit, when there is something to do: note
