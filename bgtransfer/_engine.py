@@ -294,8 +294,24 @@ def system_ca_bundle() -> str | None:
     return None
 
 
+_handles = threading.local()
+
+
+def _handle() -> pycurl.Curl:
+    """This thread's curl handle, its options reset. Its connections (and TLS sessions) outlive
+    a transfer, so back-to-back transfers from a worker to one server skip the handshakes: for
+    small files that halves the work of both ends. (A forked child makes its own.)"""
+    c = getattr(_handles, "curl", None)
+    if c is None or _handles.pid != os.getpid():
+        c, _handles.pid = pycurl.Curl(), os.getpid()
+        _handles.curl = c
+    else:
+        c.reset()
+    return c
+
+
 def _curl(job: Job, att: _Attempt, s: Settings, extra_headers: list[str]) -> pycurl.Curl:
-    c = pycurl.Curl()
+    c = _handle()
     if s.block_private_destinations:
         c.setopt(pycurl.OPENSOCKETFUNCTION, _guarded_socket(att))
     c.setopt(pycurl.URL, job.url)
@@ -493,7 +509,7 @@ class _Download:
             code = c.getinfo(pycurl.RESPONSE_CODE)
             self.moved = int(c.getinfo(pycurl.SIZE_DOWNLOAD_T))
         finally:
-            c.close()
+            c.reset()  # (this attempt's callbacks let go; the connection stays for the next)
         if code == 416 and err is None:
             if self.resumable and self.held == job.known_total:  # already whole: nothing was missing
                 self.pos = self.total = self.held
@@ -593,7 +609,7 @@ def _post(job: Job, lease: Lease, limits: Limits, s: Settings, f: Any) -> Outcom
         code = c.getinfo(pycurl.RESPONSE_CODE)
         sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
     finally:
-        c.close()
+        c.reset()
     if err is not None:
         return dataclasses.replace(_classify_curl(err, att), bytes_done=sent, total=size, moved=sent)
     bad = _classify_http(code, att.resp, job)
@@ -682,7 +698,7 @@ class _Tus:
             sent = int(c.getinfo(pycurl.SIZE_UPLOAD_T))
             self.effective_url = c.getinfo(pycurl.EFFECTIVE_URL)
         finally:
-            c.close()
+            c.reset()
         att.base += sent
         if err is not None:
             raise _Stop(_classify_curl(err, att))

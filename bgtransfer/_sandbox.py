@@ -14,7 +14,6 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 from ._exceptions import SandboxError, TransferError
 from ._settings import Settings
@@ -27,17 +26,20 @@ class MissingPathError(TransferError):
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def sandbox_root(settings: Settings, app_id: str) -> Path:
-    """The app's sandbox root, created if missing (as the phone does at install)."""
-    root = settings.root / "apps" / app_id / "shared" / "transfers"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+def _open_root(settings: Settings, app_id: str) -> int:
+    """A descriptor of the app's sandbox root, created if missing (as the phone does at install)."""
+    root = os.path.join(settings.data_root, "apps", app_id, "shared", "transfers")
+    try:
+        return os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:  # (opened first: every add and attempt comes here)
+        os.makedirs(root, exist_ok=True)
+        return os.open(root, _DIR_FLAGS)
 
 
 @contextlib.contextmanager
 def parent_dir(settings: Settings, app_id: str, parts: tuple[str, ...], create: bool) -> Iterator[int]:
     """A descriptor of the directory holding ``parts[-1]``, reached without following links."""
-    fd = os.open(sandbox_root(settings, app_id), _DIR_FLAGS)
+    fd = _open_root(settings, app_id)
     try:
         for name in parts[:-1]:
             if create:

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -152,8 +153,8 @@ _HELD = "device = :device AND phase IN ('admitted', 'running')"
 _TALLY = sa.text(  # read after the device lock, so no other pass can change them meanwhile
     f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"
     f" (SELECT count(*) FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now))"
-    " AS expired, (SELECT min(decided_version) FROM bgt_requests WHERE device = :device AND phase = 'queued'"
-    " AND decided_version IS NOT NULL)"
+    " AS expired, (SELECT decided_version FROM bgt_requests WHERE device = :device AND phase = 'queued'"
+    " AND decided_version IS NOT NULL ORDER BY decided_version LIMIT 1)"  # (min() may read the whole range)
     " AS oldest_verdict,"  # one step down the undecided index: older than the conditions means stale
     " (SELECT next_seq FROM bgt_queues WHERE device = :device) AS arrivals")  # before the heads are read
 _EXPIRED = sa.text(
@@ -177,28 +178,32 @@ _QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
 _NEXT = f"SELECT {{cols}} FROM bgt_requests WHERE device = :device AND app_id = t.app_id AND {_QUEUED} ORDER BY seq"
 _TURNS = (  # the apps whose turn comes first, with their clocks and the device's virtual time
     "(SELECT app_id, clock, vnow FROM (SELECT app_id, clock, ({now}) AS vnow, ({head} LIMIT 1) AS head"
-    " FROM bgt_app_turns t WHERE device = :device) a WHERE head IS NOT NULL"
+    " FROM bgt_app_turns t WHERE device = :device {fence}) a WHERE head IS NOT NULL"  # (fence: PostgreSQL
+    # probes each app once, not once for the filter and again for the order)
     " ORDER BY {greatest}(clock, coalesce(vnow, 0)), head LIMIT :apps) t").format(
     now="SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''",
-    head=_NEXT.format(cols="seq"), greatest="{greatest}")
+    head=_NEXT.format(cols="seq"), greatest="{greatest}", fence="{fence}")
 _HEADS = {
     "postgresql": sa.text(
         f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
-        f"{_TURNS.format(greatest='greatest')} CROSS JOIN LATERAL "
+        f"{_TURNS.format(greatest='greatest', fence='OFFSET 0')} CROSS JOIN LATERAL "
         f"({_NEXT.format(cols='id, lease_token, decided_version, seq')} LIMIT :free) r ORDER BY r.seq"),
     "sqlite": sa.text(
-        f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM {_TURNS.format(greatest='max')}"
-        f" JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
+        f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
+        f"{_TURNS.format(greatest='max', fence='')} JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} "
+        "LIMIT :free) ORDER BY r.seq"),
 }
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
-# new transaction (which reads what the commit made visible: an add's wake-up, a pass's recheck).
+# new transaction (which reads what the commit made visible: a pass's recheck).
 _COMMIT_SO_FAR = sa.text("COMMIT")
-_WAKE = sa.text(  # the device's workers (Wakeups): a slot is free, or the conditions changed meanwhile
-    f"SELECT pg_notify('bgtransfer', :device) WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
-    "OR (SELECT cond_version FROM bgt_devices WHERE name = :device) <> :version")
+_WAKE = sa.text(  # an add's last read: the device's row, and its workers woken (Wakeups, at the commit)
+    # if a slot is free or the conditions changed since the add's verdict
+    f"SELECT name, conditions, cond_version, CASE WHEN (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
+    "OR cond_version <> :version THEN pg_notify('bgtransfer', :device) END AS woke FROM bgt_devices "
+    "WHERE name = :device")
+_ARRIVALS_SHARED = "SELECT next_seq FROM bgt_queues WHERE device = :device FOR SHARE"  # waits for adds under way
 _ARRIVED = sa.text(  # after a pass that left a slot free: wake the workers if an add came since its read
-    "SELECT pg_notify('bgtransfer', :device) WHERE (SELECT next_seq FROM bgt_queues WHERE device = :device)"
-    " <> :arrivals")
+    f"WITH q AS ({_ARRIVALS_SHARED}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> :arrivals")
 _ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
@@ -488,6 +493,8 @@ class Store:
             cond = _conditions(stored, now)  # validates before anything is written
             conn.execute(devices.update().where(devices.c.name == device).values(
                 conditions=stored, cond_version=dev.cond_version + 1))
+            if self.dialect == "postgresql":  # after adds under way, or before their wake-up reads (see _wake)
+                conn.execute(sa.text(_ARRIVALS_SHARED), {"device": device})
             self._seen[device] = stored, dev.cond_version + 1  # (this process's next add decides under them)
             return cond
 
@@ -571,21 +578,23 @@ class Store:
                  *self._wake(device, d, seen[1], s)]
         try:
             with self.tx() as conn:
-                *_, [dev], _ = self._batch(conn, steps, commit=True)
+                *_, [dev] = self._batch(conn, steps, commit=True)
         except (psycopg.errors.DivisionByZero, psycopg.errors.IntegrityError):  # refused, or a racing twin
             return False
         self._seen[device] = dev.conditions, dev.cond_version
         return True
 
     def _wake(self, device: str, d: policy.Decision, version: int, s: Settings) -> list[Step]:
-        """PostgreSQL: after an add's commit, the device's workers woken if a slot is free for it,
-        or if the conditions changed since ``version`` (a pass decides it again); and the
-        device's row read. Whether a slot is free is read after the commit, and a pass that leaves
-        a slot free reads the arrivals after its own (``_recheck``), so one of the two reads
-        sees the other's commit. No lock is needed for that, so an add never waits for a pass."""
+        """PostgreSQL: an add's last statement, which reads the device's row and wakes its
+        workers when the add commits if a slot is free for the request, or if the conditions
+        changed since ``version`` (a pass decides it again). It runs while the add holds its
+        device's queue row (``_ARRIVE``), which a pass that leaves a slot free (``_recheck``)
+        and a change of conditions (``set_conditions``) take in share mode after their own
+        writes: each either waits for the add's commit, and then sees the request, or took
+        the row first, and this read sees what it wrote. So an add never waits for a pass,
+        nor takes a second transaction for its wake-up."""
         cap = s.max_concurrent_per_device if d.action == "admit" else 0
-        return [(_COMMIT_SO_FAR, {}), (_DEVICE, {"device": device}),
-                (_WAKE, {"device": device, "cap": cap, "version": version})]
+        return [(_WAKE, {"device": device, "cap": cap, "version": version})]
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -684,9 +693,9 @@ class Store:
         one but this pass, which gives it to the next request (an add's wake-up check sees it
         held, and wakes no worker for it).
 
-        No admission is missed: an add reads whether a slot is free after its commit (see
+        No admission is missed: an add reads whether a slot is free before its commit (see
         ``_wake``), and a pass that leaves a slot free reads whether a request arrived after
-        its commit (``_recheck``): whichever of the two reads comes second sees both commits.
+        its commit (``_recheck``), waiting for adds under way: one of the two sees the other.
 
         A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
         lose of it is recomputed by the next one; not one that records an outcome, nor one that
@@ -757,12 +766,12 @@ class Store:
 
     def _recheck(self, device: str, tally: Any, free: int) -> list[Step]:
         """What a pass that leaves ``free`` slots free runs after its commit (PostgreSQL): an add
-        that committed after its read of the queue may have read the slots as held, before this
-        commit freed them (see ``_pass``), so if the device's arrivals moved on since ``tally``
-        read them, the workers are woken for a pass that sees the add."""
+        that its read of the queue missed may have read the slots as held, before this commit
+        freed them (see ``_wake``), so if the device's arrivals moved on since ``tally`` read
+        them, the workers are woken for a pass that sees the add."""
         if free <= 0 or self.dialect != "postgresql":
             return []  # (SQLite: an add runs its own pass, in turn with every other writer)
-        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]
+        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]  # (see _wake)
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> int:
         """What an admission pass does before it can admit, when there is something to do: note
@@ -809,8 +818,7 @@ class Store:
         if known is None:  # a new connection, or one whose last batch failed: start afresh (a failed
             # statement may have been prepared, or its plan made stale by a migration)
             names = [r[0] for r in raw.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'bgt\\_%'")]
-            if names:
-                raw.execute(";".join(f"DEALLOCATE {n}" for n in names))
+            raw.execute(";".join(["SET standard_conforming_strings = on", *(f"DEALLOCATE {n}" for n in names)]))
             known = _PREPARED[raw] = set()
         new = []
         sent: list[tuple[str, int | None]] = [("BEGIN", None)] if begin else []  # (text, step whose rows)
@@ -822,8 +830,8 @@ class Store:
             if name not in known and name not in new:
                 sent.append((prepare, None))
                 new.append(name)
-            sent.append((cur.mogrify(f"EXECUTE {name}({', '.join(f'%({n})s' for n in names)})" if names
-                                     else f"EXECUTE {name}", _bind(params)), i))
+            sent.append((f"EXECUTE {name}({', '.join(_literal(params[n]) for n in names)})" if names
+                         else f"EXECUTE {name}", i))
         try:
             cur.execute(";".join([*(text for text, _ in sent), *(["COMMIT"] if commit else [])]))
         except Exception:
@@ -1046,6 +1054,28 @@ def _sql(stmt: sa.TextClause) -> str:
 def _bind(params: Mapping[str, Any]) -> dict[str, Any]:
     """Parameters for the driver: dicts and lists go to JSON columns, as JSON text."""
     return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in params.items()}
+
+
+def _literal(value: Any) -> str:
+    """A parameter as a PostgreSQL literal, for an EXECUTE (``Store._batch``): a fraction of the
+    driver's cost to bind it. Strings are quoted by doubling their quotes, which is exact as the
+    session's standard_conforming_strings is on (set once per connection: backslashes are
+    plain characters); a NUL, which no PostgreSQL string can hold, is refused."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"'{value!r}'"  # ('inf', 'nan': PostgreSQL reads them)
+    if isinstance(value, dict | list):
+        value = json.dumps(value)
+    if not isinstance(value, str):
+        raise TypeError(f"cannot send a {type(value).__name__} as a statement parameter")
+    if "\0" in value:
+        raise TransferError("a text value holds a NUL character, which the store cannot keep")
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _rows(cur: Any) -> list[Any]:
