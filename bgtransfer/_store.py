@@ -193,6 +193,21 @@ _HEADS = {
         f"{_TURNS.format(greatest='max', fence='')} JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} "
         "LIMIT :free) ORDER BY r.seq"),
 }
+# PostgreSQL, a pass with one slot to give (a chained one, usually): fair_share's first pick alone.
+# Apps whose clock is not past the device's virtual time tie there, ahead of all others, so the
+# pick is the earliest queued request of such an app: when the apps take turns, a step or two down
+# the queue in arrival order, with no probe per app. Only the first :window queued requests are
+# looked at for it; when none of them is of such an app, the apps' turns are read as _HEADS does.
+_NEXT_UP = sa.text(
+    "WITH tied AS (SELECT r.id, r.app_id, r.lease_token, r.decided_version, t.clock, v.vnow FROM "
+    "(SELECT (SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = '') AS vnow) v CROSS JOIN LATERAL "
+    f"(SELECT id, app_id, lease_token, decided_version, seq FROM bgt_requests WHERE device = :device AND {_QUEUED} "
+    "ORDER BY seq LIMIT :window) r JOIN bgt_app_turns t ON t.device = :device AND t.app_id = r.app_id "
+    "WHERE t.clock <= coalesce(v.vnow, 0) ORDER BY r.seq LIMIT 1) "
+    "SELECT * FROM tied UNION ALL (SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
+    f"{_TURNS.format(greatest='greatest', fence='OFFSET 0')} CROSS JOIN LATERAL "
+    f"({_NEXT.format(cols='id, lease_token, decided_version')} LIMIT 1) r WHERE NOT EXISTS (SELECT 1 FROM tied))")
+_NEXT_UP_WINDOW = 32
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
 # new transaction (which reads what the commit made visible: a pass's recheck).
 _COMMIT_SO_FAR = sa.text("COMMIT")
@@ -676,13 +691,19 @@ class Store:
         with self.tx() as conn:
             return self._pass(conn, device, s, time.time() if now is None else now).picks  # type: ignore[union-attr]
 
-    def _survey(self, device: str, s: Settings, now: float) -> list[Step]:
+    def _survey(self, device: str, s: Settings, now: float, next_up: bool) -> list[Step]:
         """What an admission pass reads once its device is locked: the slots held, the apps whose
-        turn comes first and their next requests, and the bytes each app moved today (quotas)."""
-        cap = s.max_concurrent_per_device
-        p = {"device": device, "now": now, "free": cap, "apps": cap}
-        return [(_TALLY, p), (_HEADS[self.dialect], p),
+        turn comes first and their next requests (or, ``next_up``, the first pick alone), and
+        the bytes each app moved today (quotas)."""
+        p = {"device": device, "now": now}
+        return [(_TALLY, p), (_NEXT_UP, {**p, "window": _NEXT_UP_WINDOW, "apps": 1}) if next_up
+                else self._heads(device, s, now),
                 *([(_DAY_USAGE, {**p, "hour": int(now // 3600)})] if s.quotas else [])]
+
+    def _heads(self, device: str, s: Settings, now: float, more_apps: int = 0) -> Step:
+        """Read the first requests of the apps whose turn comes first (``_HEADS``)."""
+        cap = s.max_concurrent_per_device
+        return _HEADS[self.dialect], {"device": device, "now": now, "free": cap, "apps": cap + more_apps}
 
     def _pass(self, conn: Connection, device: str, s: Settings, now: float, claim_as: str | None = None,
               ending: Step | None = None) -> Pass | None:
@@ -702,7 +723,8 @@ class Store:
         claims a request for its caller (``claim_as``), who moves bytes at once: a lost claim
         could give its token out again."""
         first = [ending] if ending else []
-        survey = self._survey(device, s, now)
+        next_up = claim_as is not None and self.dialect == "postgresql"  # (SQLite: in-process, probes are cheap)
+        survey = self._survey(device, s, now, next_up)
         durable = claim_as is not None or ending is not None
         rows = self._batch(conn, [*first, (self._lock(durable), {"device": device}), *survey])
         if ending and not rows[0]:
@@ -718,12 +740,15 @@ class Store:
                 or _left_foreground(dev.conditions, now):
             version = self._refresh(conn, device, s, now, dev)
             tally, heads, *day = self._batch(conn, survey)
-        heads = self._candidates(conn, device, s, now, heads, day, version)
         free = s.max_concurrent_per_device - tally[0].held
-        if free <= 0 or not heads:
+        candidates = self._candidates(conn, device, s, now, heads, day, version)
+        if next_up and free > 0 and (free > 1 or heads and not candidates):  # the first pick alone does not do
+            [heads] = self._batch(conn, [self._heads(device, s, now)])
+            candidates = self._candidates(conn, device, s, now, heads, day, version)
+        if free <= 0 or not candidates:
             self._batch(conn, self._recheck(device, tally[0], free), commit=True)
             return Pass([], None)
-        return self._admit(conn, device, s, now, heads, free, claim_as, tally[0])
+        return self._admit(conn, device, s, now, candidates, free, claim_as, tally[0])
 
     def _candidates(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any],
                     day: list[list[Any]], version: int) -> list[Any]:
@@ -737,8 +762,7 @@ class Store:
             *_, heads = self._batch(conn, [
                 *((_QUOTA_WAIT, {"device": device, "app": app, "reason": reason, "now": now})
                   for app, reason in over.items()),
-                (_HEADS[self.dialect], {"device": device, "now": now, "free": s.max_concurrent_per_device,
-                                        "apps": s.max_concurrent_per_device + len(over)})])
+                self._heads(device, s, now, len(over))])
         return [h for h in heads if h.app_id not in over and h.decided_version >= version]
 
     def _admit(self, conn: Connection, device: str, s: Settings, now: float, heads: list[Any], free: int,

@@ -183,6 +183,40 @@ def test_a_pass_reads_only_the_apps_whose_turn_comes_first(env) -> None:
     assert order == expected
 
 
+def test_chained_passes_start_what_fair_share_picks(env) -> None:
+    """A pass that ends an attempt and claims the next request for its worker (one slot to give)
+    reads only the first pick on PostgreSQL: the order is still fair share's over the whole
+    queue, also when a long run of one app's requests fills the front of the queue."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=1, app_weights="a3=3,a7=2", max_outstanding_per_app=50)
+    arrivals = ["big"] * 45 + [f"a{(i * 7) % 11}" for i in range(40)]
+    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
+    ids: list[tuple[str, str]] = []
+    for n, app in enumerate(arrivals):
+        r = row(app, n, dep.device)
+        assert store.insert(r, no_slots) == []
+        ids.append((app, r["id"]))
+    expected: list[str] = []
+    queue, clocks, vnow = list(ids), {}, 0.0
+    while queue:
+        share = policy.fair_share(queue, clocks, 1, s.weights, vnow)
+        expected += share.picked
+        clocks.update(share.clocks)
+        vnow = share.now
+        queue = [q for q in queue if q[1] not in share.picked]
+    [(rid, token)] = store.promote(dep.device, s)
+    order = [rid]
+    running = store.claim(rid, token, "w", s)
+    while running is not None:
+        after = store.finish_and_pass(running["id"], running["lease_token"], dep.device, s, "w",
+                                      phase="done", status="COMPLETED")
+        assert after.picks == []  # the one slot went to this worker
+        running = after.claimed
+        if running is not None:
+            order.append(running["id"])
+    assert order == expected
+
+
 def test_conditions_decide_and_persist(env) -> None:
     store, s, dep = env
     (rid,) = add(store, s, "a", 1, dep.device)
