@@ -159,12 +159,11 @@ _TALLY = sa.text(  # read after the device lock, so no other pass can change the
     " (SELECT next_seq FROM bgt_queues WHERE device = :device) AS arrivals")  # before the heads are read
 _EXPIRED = sa.text(
     f"SELECT id, removed FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now)")
-_ADD_CHECKS = sa.text(  # rule 5 and the duplicates an add must refuse, in one read
-    "SELECT (SELECT count(*) FROM bgt_requests WHERE id = :id) AS exists_,"
-    " (SELECT count(*) FROM bgt_requests WHERE app_id = :app AND NOT removed) AS n_app,"
-    " (SELECT min(id) FROM bgt_requests WHERE app_id = :app AND NOT removed AND direction = 'download'"
-    " AND local_path = :path) AS target_of,"
-    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held")  # whether a pass could admit anything
+_ADD_CHECKS = sa.text(  # rule 5 and the duplicates an add must refuse, in one read (one walk of the app's rows)
+    "SELECT (SELECT count(*) FROM bgt_requests WHERE id = :id) AS exists_, a.n_app, a.target_of,"
+    f" (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held"  # whether a pass could admit anything
+    " FROM (SELECT count(*) AS n_app, min(id) FILTER (WHERE direction = 'download' AND local_path = :path)"
+    " AS target_of FROM bgt_requests WHERE app_id = :app AND NOT removed) a")
 _UNDECIDED = sa.text(  # versions only grow, so "older than now" is an index range
     "SELECT id, app_id, direction, preferences, total_bytes_to_receive, total_bytes_to_send, bytes_received "
     "FROM bgt_requests WHERE device = :device AND phase = 'queued' AND decided_version < :version")
