@@ -392,6 +392,40 @@ class Wakeups:
             self.conn = None
 
 
+class _HotTx:
+    """A PostgreSQL transaction on a pooled connection, without SQLAlchemy's Connection: its
+    checkout and begin cost an add or an attempt's end more than their statements do, and
+    ``Store._batch`` needs only the driver's connection. The SQLAlchemy statements of the
+    rarer ways through a pass run on a Connection made over the same one when first needed."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.connection = engine, engine.raw_connection()
+        self.info = self.connection.info
+        self._sa: Connection | None = None
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        if self._sa is None:
+            self._sa = Connection(self.engine, connection=self.connection)
+        return self._sa.execute(statement, parameters)
+
+    def __enter__(self) -> _HotTx:
+        self.info[_BEGIN] = True  # said by the transaction's first statement
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        raw = self.connection.driver_connection
+        self.info.pop(_BEGIN, None)
+        try:
+            if exc_type is None:
+                raw.commit()  # (nothing to send if the last batch committed)
+            elif not raw.closed:
+                raw.rollback()
+        finally:
+            if raw.closed or raw.broken:  # a server gone: no one else gets this connection
+                self.connection.invalidate()
+            (self._sa or self.connection).close()
+
+
 @dataclasses.dataclass
 class Pass:
     """What an admission pass admitted: (request id, token) pairs to dispatch, and the row it
@@ -427,9 +461,14 @@ class Store:
         return self.engine.dialect.name
 
     @contextlib.contextmanager
-    def tx(self, read: bool = False) -> Iterator[Connection]:
-        """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite."""
+    def tx(self, read: bool = False, hot: bool = False) -> Iterator[Connection]:
+        """One transaction; a ``read`` one (that writes nothing) does not queue behind writers on SQLite.
+        A ``hot`` one (adds, attempts) skips SQLAlchemy's Connection on PostgreSQL (``_HotTx``)."""
         engine = self.engine  # first: after a fork this also gives the child its own turns
+        if hot and self.dialect == "postgresql":
+            with _HotTx(engine) as conn:
+                yield conn  # type: ignore[misc]
+            return
         turn = self._turns.turn() if self._turns and not read else contextlib.nullcontext()
         with engine.connect().execution_options(bgt_read=read) as conn, turn, conn.begin():
             if self.dialect == "postgresql":
@@ -543,7 +582,7 @@ class Store:
         cap = s.max_concurrent_per_device
         arrive = [(_ARRIVE, {"device": device}), (_DEVICE, {"device": device}), (_ADD_CHECKS, {
             "id": row["id"], "app": app, "device": device, "path": row["local_path"]})]
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             arrived, dev, [(exists, n_app, target_of, held)] = self._batch(conn, arrive)
             if not arrived or not dev:
                 self._create_device(conn, device)
@@ -591,7 +630,7 @@ class Store:
                  (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1}),
                  *self._wake(device, d, seen[1], s)]
         try:
-            with self.tx() as conn:
+            with self.tx(hot=True) as conn:
                 *_, [dev] = self._batch(conn, steps, commit=True)
         except (psycopg.errors.DivisionByZero, psycopg.errors.IntegrityError):  # refused, or a racing twin
             return False
@@ -687,7 +726,7 @@ class Store:
         round-robin across apps. Its cost grows with what changed and with the number of apps,
         not with the length of the queue: decisions are stored, and only the first few
         admissible requests of each app are read."""
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             return self._pass(conn, device, s, time.time() if now is None else now).picks  # type: ignore[union-attr]
 
     def _survey(self, device: str, s: Settings, now: float, next_up: bool) -> list[Step]:
@@ -888,7 +927,7 @@ class Store:
         """Start an admitted request; None if this wake-up is stale or a duplicate. The row comes
         with its device's current ``conditions``, read in the same transaction."""
         now = time.time()
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             [claimed] = self._batch(conn, [(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
                                                      "expires": now + s.lease_seconds, "now": now})], commit=True)
             if not claimed:
@@ -911,7 +950,7 @@ class Store:
         """Renew the lease and record progress (and ``used``: bytes moved since the last record,
         for the quotas); returns the app's control ('pause'/'cancel')."""
         now = time.time()
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             [rows] = self._batch(conn, [_renew(request_id, token, {
                 "lease_expires": now + lease_seconds, "updated_at": now, **fields})])
             if rows and used:
@@ -922,7 +961,7 @@ class Store:
 
     def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             [rows] = self._batch(conn, [_running(request_id, token)])
             row, steps = _finish(rows, request_id, token, used, fields)
             self._batch(conn, steps, commit=True)
@@ -937,13 +976,13 @@ class Store:
         or paused the request meanwhile, or bytes are to count against a quota (``used``)."""
         now = time.time()
         if not used:
-            with self.tx() as conn:
+            with self.tx(hot=True) as conn:
                 done = self._pass(conn, device, s, now, claim_as, ending=_renew(
                     request_id, token, _ending(fields, now), plain=True))
             if done is not None:
                 return done
         self.finish(request_id, token, used, **fields)
-        with self.tx() as conn:
+        with self.tx(hot=True) as conn:
             return self._pass(conn, device, s, now, claim_as)  # type: ignore[return-value]
 
 
