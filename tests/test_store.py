@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from bgtransfer import BackgroundTransferRequest, Settings, TransferStatus
 from bgtransfer import _policy as policy
 from bgtransfer._exceptions import LeaseLost, TransferError
-from bgtransfer._store import Store, schema
+from bgtransfer._store import _TALLY, Store, schema
 from tests.conftest import STORES, Deployment
 
 
@@ -390,3 +390,47 @@ def test_an_add_decided_under_conditions_changed_elsewhere_is_decided_again_firs
     row_now = store.get(rid)
     assert row_now["phase"] == "queued" and not row_now["admissible"]
     assert row_now["status"] == TransferStatus.WAITING_FOR_WIFI.value
+
+
+def test_a_pass_that_leaves_a_slot_free_wakes_the_workers_for_an_add_it_missed(env) -> None:
+    """PostgreSQL: an add that committed after a pass read the queue, and read the slots as held
+    before that pass freed one, is seen by the pass's recheck after its commit, which waits for
+    an add still under way (it holds the queue row) and wakes the workers; no add, no wake-up."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
+    import psycopg
+
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    with store.tx() as conn:
+        [tally] = store._batch(conn, [(_TALLY, {"device": dep.device, "now": time.time()})])
+    wakeups, stopping = store.wakeups(dep.device), threading.Event()
+    try:
+        with store.tx() as conn:  # nothing arrived since the read: the workers sleep on
+            store._batch(conn, store._recheck(dep.device, tally[0], 1), commit=True)
+        t0 = time.monotonic()
+        wakeups.wait(0.5, stopping)
+        assert time.monotonic() - t0 >= 0.5
+        adding = psycopg.connect(s.store_url, autocommit=False)  # an add under way, holding the queue row
+        try:
+            adding.execute("UPDATE bgt_queues SET next_seq = next_seq + 1 WHERE device = %s", (dep.device,))
+            done = threading.Event()
+
+            def recheck() -> None:
+                with store.tx() as conn:
+                    store._batch(conn, store._recheck(dep.device, tally[0], 1), commit=True)
+                done.set()
+
+            waiter = threading.Thread(target=recheck)
+            waiter.start()
+            assert not done.wait(0.5)  # it waits for the add's commit
+            adding.commit()
+            waiter.join(30)
+            assert done.is_set()
+        finally:
+            adding.close()
+        t0 = time.monotonic()
+        wakeups.wait(30, stopping)  # returns on the recheck's NOTIFY
+        assert time.monotonic() - t0 < 20
+    finally:
+        wakeups.close()
