@@ -177,8 +177,8 @@ _QUEUED = "phase = 'queued' AND admissible AND not_before <= :now"
 _NEXT = f"SELECT {{cols}} FROM bgt_requests WHERE device = :device AND app_id = t.app_id AND {_QUEUED} ORDER BY seq"
 _TURNS = (  # the apps whose turn comes first, with their clocks and the device's virtual time
     "(SELECT app_id, clock, vnow FROM (SELECT app_id, clock, ({now}) AS vnow, ({head} LIMIT 1) AS head"
-    " FROM bgt_app_turns t WHERE device = :device {fence}) a WHERE head IS NOT NULL"  # (fence: PostgreSQL
-    # probes each app once, not once for the filter and again for the order)
+    " FROM bgt_app_turns t WHERE device = :device {fence}) a WHERE head IS NOT NULL"  # (fence: each app is
+    # probed once, not once for the filter and again for the order)
     " ORDER BY {greatest}(clock, coalesce(vnow, 0)), head LIMIT :apps) t").format(
     now="SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''",
     head=_NEXT.format(cols="seq"), greatest="{greatest}", fence="{fence}")
@@ -189,23 +189,24 @@ _HEADS = {
         f"({_NEXT.format(cols='id, lease_token, decided_version, seq')} LIMIT :free) r ORDER BY r.seq"),
     "sqlite": sa.text(
         f"SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
-        f"{_TURNS.format(greatest='max', fence='')} JOIN bgt_requests r ON r.id IN ({_NEXT.format(cols='id')} "
-        "LIMIT :free) ORDER BY r.seq"),
+        f"{_TURNS.format(greatest='max', fence='LIMIT -1 OFFSET 0')} JOIN bgt_requests r ON r.id IN "
+        f"({_NEXT.format(cols='id')} LIMIT :free) ORDER BY r.seq"),
 }
-# PostgreSQL, a pass with one slot to give (a chained one, usually): fair_share's first pick alone.
+# A pass with one slot to give (a chained one, usually): fair_share's first pick alone.
 # Apps whose clock is not past the device's virtual time tie there, ahead of all others, so the
 # pick is the earliest queued request of such an app: when the apps take turns, a step or two down
 # the queue in arrival order, with no probe per app. Only the first :window queued requests are
-# looked at for it; when none of them is of such an app, the apps' turns are read as _HEADS does.
-_NEXT_UP = sa.text(
+# looked at for it; when none of them is of such an app, the apps' turns are read as _HEADS does:
+# on PostgreSQL in the same statement (a round trip saved), on SQLite by the pass after it (SQLite
+# would read them first, and its statements cost no round trip).
+_TIED = (
     "WITH tied AS (SELECT r.id, r.app_id, r.lease_token, r.decided_version, t.clock, v.vnow FROM "
-    "(SELECT (SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = '') AS vnow) v CROSS JOIN LATERAL "
+    "(SELECT (SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = '') AS vnow) v, "
     f"(SELECT id, app_id, lease_token, decided_version, seq FROM bgt_requests WHERE device = :device AND {_QUEUED} "
     "ORDER BY seq LIMIT :window) r JOIN bgt_app_turns t ON t.device = :device AND t.app_id = r.app_id "
-    "WHERE t.clock <= coalesce(v.vnow, 0) ORDER BY r.seq LIMIT 1) "
-    "SELECT * FROM tied UNION ALL (SELECT r.id, t.app_id, r.lease_token, r.decided_version, t.clock, t.vnow FROM "
-    f"{_TURNS.format(greatest='greatest', fence='OFFSET 0')} CROSS JOIN LATERAL "
-    f"({_NEXT.format(cols='id, lease_token, decided_version')} LIMIT 1) r WHERE NOT EXISTS (SELECT 1 FROM tied))")
+    "WHERE t.clock <= coalesce(v.vnow, 0) ORDER BY r.seq LIMIT 1) SELECT * FROM tied")
+_NEXT_UP = {"sqlite": sa.text(_TIED), "postgresql": sa.text(  # (:apps and :free 1)
+    f"{_TIED} UNION ALL SELECT * FROM ({_HEADS['postgresql'].text}) h WHERE NOT EXISTS (SELECT 1 FROM tied)")}
 _NEXT_UP_WINDOW = 32
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
 # new transaction (which reads what the commit made visible: a pass's recheck).
@@ -734,8 +735,8 @@ class Store:
         turn comes first and their next requests (or, ``next_up``, the first pick alone), and
         the bytes each app moved today (quotas)."""
         p = {"device": device, "now": now}
-        return [(_TALLY, p), (_NEXT_UP, {**p, "window": _NEXT_UP_WINDOW, "apps": 1}) if next_up
-                else self._heads(device, s, now),
+        return [(_TALLY, p), (_NEXT_UP[self.dialect], {**p, "window": _NEXT_UP_WINDOW, "apps": 1, "free": 1})
+                if next_up else self._heads(device, s, now),
                 *([(_DAY_USAGE, {**p, "hour": int(now // 3600)})] if s.quotas else [])]
 
     def _heads(self, device: str, s: Settings, now: float, more_apps: int = 0) -> Step:
@@ -761,7 +762,7 @@ class Store:
         claims a request for its caller (``claim_as``), who moves bytes at once: a lost claim
         could give its token out again."""
         first = [ending] if ending else []
-        next_up = claim_as is not None and self.dialect == "postgresql"  # (SQLite: in-process, probes are cheap)
+        next_up = claim_as is not None
         survey = self._survey(device, s, now, next_up)
         durable = claim_as is not None or ending is not None
         rows = self._batch(conn, [*first, (self._lock(durable), {"device": device}), *survey])
@@ -780,7 +781,8 @@ class Store:
             tally, heads, *day = self._batch(conn, survey)
         free = s.max_concurrent_per_device - tally[0].held
         candidates = self._candidates(conn, device, s, now, heads, day, version)
-        if next_up and free > 0 and (free > 1 or heads and not candidates):  # the first pick alone does not do
+        if next_up and free > 0 and (free > 1 or not candidates and (heads or self.dialect == "sqlite")):
+            # the first pick alone does not do (or, on SQLite, none was found among the tied apps)
             [heads] = self._batch(conn, [self._heads(device, s, now)])
             candidates = self._candidates(conn, device, s, now, heads, day, version)
         if free <= 0 or not candidates:
