@@ -295,14 +295,18 @@ def system_ca_bundle() -> str | None:
 
 
 _handles = threading.local()
+_inherited: list[pycurl.Curl] = []  # a forked child's copy of its parent's handle: never closed here
 
 
 def _handle() -> pycurl.Curl:
     """This thread's curl handle, its options reset. Its connections (and TLS sessions) outlive
     a transfer, so back-to-back transfers from a worker to one server skip the handshakes: for
-    small files that halves the work of both ends. (A forked child makes its own.)"""
+    small files that halves the work of both ends. A forked child makes its own, and keeps the
+    parent's unclosed (closing it would shut the connections the parent still uses)."""
     c = getattr(_handles, "curl", None)
     if c is None or _handles.pid != os.getpid():
+        if c is not None:
+            _inherited.append(c)
         c, _handles.pid = pycurl.Curl(), os.getpid()
         _handles.curl = c
     else:
@@ -602,6 +606,7 @@ def _post(job: Job, lease: Lease, limits: Limits, s: Settings, f: Any) -> Outcom
     c.setopt(pycurl.POST, 1)
     c.setopt(pycurl.READFUNCTION, body.read if not att.rate else lambda n: _throttled(att, body.read(n)))
     c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
+    c.setopt(pycurl.FRESH_CONNECT, 1)  # a kept connection found dead would need the body read again
     c.setopt(pycurl.WRITEFUNCTION, lambda chunk: None)
     try:
         lease.renew(0, total_bytes_to_send=size, bytes_sent=0)
@@ -690,6 +695,7 @@ class _Tus:
             c.setopt(pycurl.POST, 1)
             c.setopt(pycurl.READFUNCTION, self._read)
             c.setopt(pycurl.POSTFIELDSIZE_LARGE, self.remaining)
+            c.setopt(pycurl.FRESH_CONNECT, 1)  # (as an upload's POST)
         if method in ("OPTIONS", "PATCH"):
             c.setopt(pycurl.CUSTOMREQUEST, method)
         try:

@@ -414,15 +414,15 @@ class _HotTx:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
-        raw = self.connection.driver_connection
+        raw = self.connection.driver_connection  # None: SQLAlchemy found the server gone, and let it go
         self.info.pop(_BEGIN, None)
         try:
-            if exc_type is None:
+            if raw is not None and exc_type is None:
                 raw.commit()  # (nothing to send if the last batch committed)
-            elif not raw.closed:
+            elif raw is not None and not raw.closed:
                 raw.rollback()
         finally:
-            if raw.closed or raw.broken:  # a server gone: no one else gets this connection
+            if raw is not None and (raw.closed or raw.broken):  # a server gone: no one else gets it
                 self.connection.invalidate()
             (self._sa or self.connection).close()
 
@@ -761,14 +761,14 @@ class Store:
         lose of it is recomputed by the next one; not one that records an outcome, nor one that
         claims a request for its caller (``claim_as``), who moves bytes at once: a lost claim
         could give its token out again."""
-        first = [ending] if ending else []
+        first = [ending] if ending else []  # after the lock: the device's row, then a request's
         next_up = claim_as is not None
         survey = self._survey(device, s, now, next_up)
         durable = claim_as is not None or ending is not None
-        rows = self._batch(conn, [*first, (self._lock(durable), {"device": device}), *survey])
+        dev, *rows = self._batch(conn, [(self._lock(durable), {"device": device}), *first, *survey])
         if ending and not rows[0]:
             return None
-        dev, tally, heads, *day = rows[len(first):]
+        tally, heads, *day = rows[len(first):]
         if dev:
             dev = dev[0]
         else:  # a device's first pass
@@ -882,7 +882,8 @@ class Store:
         if known is None:  # a new connection, or one whose last batch failed: start afresh (a failed
             # statement may have been prepared, or its plan made stale by a migration)
             names = [r[0] for r in raw.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'bgt\\_%'")]
-            raw.execute(";".join(["SET standard_conforming_strings = on", *(f"DEALLOCATE {n}" for n in names)]))
+            if names:
+                raw.execute(";".join(f"DEALLOCATE {n}" for n in names))
             known = _PREPARED[raw] = set()
         new = []
         sent: list[tuple[str, int | None]] = [("BEGIN", None)] if begin else []  # (text, step whose rows)
@@ -1122,9 +1123,9 @@ def _bind(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def _literal(value: Any) -> str:
     """A parameter as a PostgreSQL literal, for an EXECUTE (``Store._batch``): a fraction of the
-    driver's cost to bind it. Strings are quoted by doubling their quotes, which is exact as the
-    session's standard_conforming_strings is on (set once per connection: backslashes are
-    plain characters); a NUL, which no PostgreSQL string can hold, is refused."""
+    driver's cost to bind it. Strings are escape strings (E'...', their quotes and backslashes
+    doubled), which read the same whatever the server's standard_conforming_strings; a NUL,
+    which no PostgreSQL string can hold, is refused."""
     if value is None:
         return "NULL"
     if isinstance(value, bool):
@@ -1139,7 +1140,7 @@ def _literal(value: Any) -> str:
         raise TypeError(f"cannot send a {type(value).__name__} as a statement parameter")
     if "\0" in value:
         raise TransferError("a text value holds a NUL character, which the store cannot keep")
-    return "'" + value.replace("'", "''") + "'"
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _rows(cur: Any) -> list[Any]:

@@ -434,3 +434,39 @@ def test_a_pass_that_leaves_a_slot_free_wakes_the_workers_for_an_add_it_missed(e
         assert time.monotonic() - t0 < 20
     finally:
         wakeups.close()
+
+
+def test_an_attempt_ending_while_its_app_removes_it_does_not_deadlock(env) -> None:
+    """The pass that records an attempt's outcome takes the device's row before the request's,
+    as remove, pause and resume do: ending a transfer while its app removes it waits, it does
+    not deadlock (PostgreSQL; SQLite has one writer at a time)."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: one writer at a time")
+    import psycopg
+
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(rid, token)] = store.promote(dep.device, s)
+    assert store.claim(rid, token, "w", s) is not None
+    remover = psycopg.connect(s.store_url, autocommit=False)
+    try:
+        remover.execute("SELECT 1 FROM bgt_devices WHERE name = %s FOR UPDATE", (dep.device,))  # as remove does
+        outcome: dict[str, object] = {}
+
+        def end() -> None:
+            try:
+                outcome["pass"] = store.finish_and_pass(rid, token, dep.device, s, None, phase="done",
+                                                        status="COMPLETED")
+            except Exception as exc:  # a deadlock would land here
+                outcome["error"] = exc
+
+        ending = threading.Thread(target=end)
+        ending.start()
+        time.sleep(0.5)  # the pass waits for the device's row now
+        remover.execute("UPDATE bgt_requests SET removed = true, control = 'cancel' WHERE id = %s", (rid,))
+        remover.commit()
+        ending.join(30)
+    finally:
+        remover.close()
+    assert "error" not in outcome and "pass" in outcome
+    assert store.get(rid) is None  # the removed request's end deleted it
