@@ -568,11 +568,11 @@ class Store:
             return self._add(row, s)
         except TransferError:
             raise
-        except Exception:  # a failure after the commit (the wake-up): the request is stored all the same
+        except Exception:  # the connection lost around the commit: the request may be stored all the same
             if self.get(row["id"]) is None:
                 raise
-            log.warning("request %s is stored but its wake-up failed: the periodic pass admits it", row["id"],
-                        exc_info=True)
+            log.warning("request %s is stored, but its add failed after the commit: the periodic pass admits it",
+                        row["id"], exc_info=True)
             return []
 
     def _add(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
@@ -865,8 +865,8 @@ class Store:
         admission, attempts) run here: SQLAlchemy's execution costs several times what SQLite
         takes to run these statements. On PostgreSQL they travel in one round trip, with the
         transaction's BEGIN if it has not begun and the COMMIT when ``commit``, as one string of
-        statements with their parameters bound by psycopg (a pipeline of server-bound
-        statements cost the client over twice the CPU). SQLite is in-process, where a
+        EXECUTEs of prepared statements, their parameters as literals (``_literal``; a pipeline
+        of server-bound statements, tried instead, cost the client more CPU). SQLite is in-process, where a
         round trip costs nothing (its COMMIT comes when the transaction ends)."""
         raw = conn.connection.driver_connection
         if self.dialect != "postgresql":  # (one transaction: SQLite's commits do not wait for a flush)

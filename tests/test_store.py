@@ -154,26 +154,34 @@ def test_round_robin_start_order_across_apps(env) -> None:
     assert order == [a[0], b[0], c[0], a[1], b[1], a[2]]
 
 
+def queue_in_fair_order(store: Store, s: Settings, device: str, arrivals: list[str], free: int) -> list[str]:
+    """Queue a request per app named in ``arrivals`` (no pass admits them), and return their ids
+    in the order the policy alone, over every waiting request, starts them ``free`` at a time."""
+    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
+    queue: list[tuple[str, str]] = []
+    for n, app in enumerate(arrivals):
+        r = row(app, n, device)
+        assert store.insert(r, no_slots) == []
+        queue.append((app, r["id"]))
+    expected: list[str] = []
+    clocks: dict[str, float] = {}
+    vnow = 0.0
+    while queue:
+        share = policy.fair_share(queue, clocks, free, s.weights, vnow)
+        expected += share.picked
+        clocks.update(share.clocks)
+        vnow = share.now
+        queue = [q for q in queue if q[1] not in share.picked]
+    return expected
+
+
 def test_a_pass_reads_only_the_apps_whose_turn_comes_first(env) -> None:
     """With more apps than free slots the pass reads the heads of the first few apps only; the
     start order is still the one fair share gives over the whole queue (weights and ties too)."""
     store, s, dep = env
     s = dataclasses.replace(s, max_concurrent_per_device=3, app_weights="a3=3,a7=2")
     arrivals = [f"a{(i * 7) % 11}" for i in range(40)]  # 11 apps, interleaved, uneven lengths
-    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
-    ids: list[tuple[str, str]] = []
-    for n, app in enumerate(arrivals):
-        r = row(app, n, dep.device)
-        assert store.insert(r, no_slots) == []
-        ids.append((app, r["id"]))
-    expected: list[str] = []
-    queue, clocks, vnow = list(ids), {}, 0.0
-    while queue:  # the policy alone, over every waiting request
-        share = policy.fair_share(queue, clocks, 3, s.weights, vnow)
-        expected += share.picked
-        clocks.update(share.clocks)
-        vnow = share.now
-        queue = [q for q in queue if q[1] not in share.picked]
+    expected = queue_in_fair_order(store, s, dep.device, arrivals, 3)
     order: list[str] = []
     while picks := store.promote(dep.device, s):
         for rid, token in picks:
@@ -185,25 +193,12 @@ def test_a_pass_reads_only_the_apps_whose_turn_comes_first(env) -> None:
 
 def test_chained_passes_start_what_fair_share_picks(env) -> None:
     """A pass that ends an attempt and claims the next request for its worker (one slot to give)
-    reads only the first pick on PostgreSQL: the order is still fair share's over the whole
-    queue, also when a long run of one app's requests fills the front of the queue."""
+    reads only the first pick: the order is still fair share's over the whole queue, also when
+    a long run of one app's requests fills the front of the queue."""
     store, s, dep = env
     s = dataclasses.replace(s, max_concurrent_per_device=1, app_weights="a3=3,a7=2", max_outstanding_per_app=50)
     arrivals = ["big"] * 45 + [f"a{(i * 7) % 11}" for i in range(40)]
-    no_slots = dataclasses.replace(s, max_concurrent_per_device=0)
-    ids: list[tuple[str, str]] = []
-    for n, app in enumerate(arrivals):
-        r = row(app, n, dep.device)
-        assert store.insert(r, no_slots) == []
-        ids.append((app, r["id"]))
-    expected: list[str] = []
-    queue, clocks, vnow = list(ids), {}, 0.0
-    while queue:
-        share = policy.fair_share(queue, clocks, 1, s.weights, vnow)
-        expected += share.picked
-        clocks.update(share.clocks)
-        vnow = share.now
-        queue = [q for q in queue if q[1] not in share.picked]
+    expected = queue_in_fair_order(store, s, dep.device, arrivals, 1)
     [(rid, token)] = store.promote(dep.device, s)
     order = [rid]
     running = store.claim(rid, token, "w", s)
