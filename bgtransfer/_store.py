@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import decimal
 import fcntl
 import functools
 import hashlib
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import re
+import select
 import threading
 import time
 import weakref
@@ -31,8 +33,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg import ClientCursor, pq
-from psycopg.rows import namedtuple_row
+from psycopg import pq
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -547,7 +548,7 @@ class Store:
             cond = _conditions(stored, now)  # validates before anything is written
             conn.execute(devices.update().where(devices.c.name == device).values(
                 conditions=stored, cond_version=dev.cond_version + 1))
-            if self.dialect == "postgresql":  # after adds under way, or before their wake-up reads (see _wake)
+            if self.dialect == "postgresql":  # after adds under way, or before their wake-up reads (see _enqueue)
                 conn.execute(sa.text(_ARRIVALS_SHARED), {"device": device})
             self._seen[device] = stored, dev.cond_version + 1  # (this process's next add decides under them)
             return cond
@@ -568,6 +569,8 @@ class Store:
             return self._add(row, s)
         except TransferError:
             raise
+        except psycopg.errors.DivisionByZero:  # a rule broke between the checked add's read and its write (an
+            return self._add(row, s)  # add of the app on another device): read again, to say which
         except Exception:  # the connection lost around the commit: the request may be stored all the same
             if self.get(row["id"]) is None:
                 raise
@@ -602,13 +605,12 @@ class Store:
             if target_of and row["direction"] == "download":
                 raise TransferError(f"{row['local_path']} is already the target of request {target_of}")
             d = _verdict(row, _conditions(dev.conditions, now), s)
-            writes: list[Step] = [(_INSERT, {**_new_row(row, d, dev.cond_version, now), "seq": seq}),
-                                  (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1})]
             if self.dialect != "postgresql":  # no other writer can come in between: pass now if it could start
-                self._batch(conn, writes)
+                self._batch(conn, [(_INSERT, {**_new_row(row, d, dev.cond_version, now), "seq": seq}),
+                                   (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1})])
                 return self._pass(conn, device, s, now).picks if d.action == "admit" and held < cap else []
             self._seen[device] = dev.conditions, dev.cond_version
-            self._batch(conn, [*writes, *self._wake(device, d, dev.cond_version, s)], commit=True)
+            self._batch(conn, [self._enqueue(row, d, dev.cond_version, s, now)], commit=True)
             return []
 
     def _add_at_once(self, row: dict[str, Any], s: Settings, now: float) -> bool:
@@ -617,38 +619,39 @@ class Store:
         with the counted rules checked by a guard that fails the transaction: False (nothing
         stored) then, or when the conditions were never read here, or the verdict would fail
         the request, so that the caller takes the checked way, which says which rule refused."""
-        device, app = row["device"], row["app_id"]
-        seen = self._seen.get(device)
+        seen = self._seen.get(row["device"])
         if seen is None:
             return False
         d = _verdict(row, _conditions(seen[0], now), s)
         if d.action == "fail":  # final: only under conditions read now
             return False
-        guard = {"id": row["id"], "app": app, "device": device, "path": row["local_path"],
-                 "direction": row["direction"], "max_app": s.max_outstanding_per_app,
-                 "max_queued": s.max_queued_per_device}
-        steps = [(_ARRIVE, {"device": device}), (_ADD_GUARD, guard), (_INSERT_NEXT, _new_row(row, d, seen[1], now)),
-                 (_FIRST_TURN, {"device": device, "app": app}), *_verdict_counts(device, {d: 1}),
-                 *self._wake(device, d, seen[1], s)]
         try:
             with self.tx(hot=True) as conn:
-                *_, [dev] = self._batch(conn, steps, commit=True)
+                _, [dev] = self._batch(conn, [(_ARRIVE, {"device": row["device"]}),
+                                              self._enqueue(row, d, seen[1], s, now)], commit=True)
         except (psycopg.errors.DivisionByZero, psycopg.errors.IntegrityError):  # refused, or a racing twin
             return False
-        self._seen[device] = dev.conditions, dev.cond_version
+        self._seen[row["device"]] = dev.conditions, dev.cond_version
         return True
 
-    def _wake(self, device: str, d: policy.Decision, version: int, s: Settings) -> list[Step]:
-        """PostgreSQL: an add's last statement, which reads the device's row and wakes its
+    def _enqueue(self, row: dict[str, Any], d: policy.Decision, version: int, s: Settings, now: float) -> Step:
+        """PostgreSQL: what an add does once its ``_ARRIVE`` holds the device's queue row, in one
+        statement (``_ENQUEUE``): check the counted rules (a refusal fails the transaction),
+        store the request with the verdict ``d`` made under conditions ``version``, make its
+        app one of the device's, count the verdict, and read the device's row, waking its
         workers when the add commits if a slot is free for the request, or if the conditions
-        changed since ``version`` (a pass decides it again). It runs while the add holds its
-        device's queue row (``_ARRIVE``), which a pass that leaves a slot free (``_recheck``)
-        and a change of conditions (``set_conditions``) take in share mode after their own
-        writes: each either waits for the add's commit, and then sees the request, or took
-        the row first, and this read sees what it wrote. So an add never waits for a pass,
-        nor takes a second transaction for its wake-up."""
-        cap = s.max_concurrent_per_device if d.action == "admit" else 0
-        return [(_WAKE, {"device": device, "cap": cap, "version": version})]
+        changed since ``version`` (a pass decides it again).
+
+        That last read runs while the add holds the queue row, which a pass that leaves a slot
+        free (``_recheck``) and a change of conditions (``set_conditions``) take in share mode
+        after their own writes: each either waits for the add's commit, and then sees the
+        request, or took the row first, and this read sees what it wrote. So an add never
+        waits for a pass, nor takes a second transaction for its wake-up."""
+        return _ENQUEUE, {
+            **_new_row(row, d, version, now), "app": row["app_id"], "path": row["local_path"],
+            "max_app": s.max_outstanding_per_app, "max_queued": s.max_queued_per_device,
+            **_counted(row["device"], d, 1), "cap": s.max_concurrent_per_device if d.action == "admit" else 0,
+            "version": version}
 
     def get(self, request_id: str, app_id: str | None = None) -> dict[str, Any] | None:
         """A live request (of ``app_id`` when given): what ``find`` polls, so its query is built once."""
@@ -754,7 +757,7 @@ class Store:
         held, and wakes no worker for it).
 
         No admission is missed: an add reads whether a slot is free before its commit (see
-        ``_wake``), and a pass that leaves a slot free reads whether a request arrived after
+        ``_enqueue``), and a pass that leaves a slot free reads whether a request arrived after
         its commit (``_recheck``), waiting for adds under way: one of the two sees the other.
 
         A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
@@ -820,7 +823,7 @@ class Store:
         clocks = {**share.clocks, "": share.now}
         turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
                  **{f"clock{i}": c for i, c in enumerate(clocks.values())}}
-        results = self._batch(conn, [*admits, (_turns(len(clocks)), turns),
+        results = self._batch(conn, [*self._together([*admits, (_turns(len(clocks)), turns)]),
                                      *self._recheck(device, tally, free - len(admits))], commit=True)
         picks = [(rid, token[rid]) for rid in share.picked]
         if claim_as is None or not picks:
@@ -828,14 +831,19 @@ class Store:
         first = results[0][0]._asdict()
         return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
 
+    def _together(self, steps: list[Step]) -> list[Step]:
+        """Writes as one statement on PostgreSQL (``_together``); as they are on SQLite, where
+        a statement costs no round trip nor much else, and writes cannot be WITH queries."""
+        return [_together(steps)] if self.dialect == "postgresql" else steps
+
     def _recheck(self, device: str, tally: Any, free: int) -> list[Step]:
         """What a pass that leaves ``free`` slots free runs after its commit (PostgreSQL): an add
         that its read of the queue missed may have read the slots as held, before this commit
-        freed them (see ``_wake``), so if the device's arrivals moved on since ``tally`` read
+        freed them (see ``_enqueue``), so if the device's arrivals moved on since ``tally`` read
         them, the workers are woken for a pass that sees the add."""
         if free <= 0 or self.dialect != "postgresql":
             return []  # (SQLite: an add runs its own pass, in turn with every other writer)
-        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]  # (see _wake)
+        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]  # (see _enqueue)
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> int:
         """What an admission pass does before it can admit, when there is something to do: note
@@ -876,7 +884,6 @@ class Store:
             if commit:
                 raw.commit()  # (nothing to do if the transaction has not begun)
             return []
-        cur = ClientCursor(raw, row_factory=namedtuple_row)
         begin = conn.info.pop(_BEGIN, False)
         known = _PREPARED.get(raw)
         if known is None:  # a new connection, or one whose last batch failed: start afresh (a failed
@@ -898,18 +905,17 @@ class Store:
             sent.append((f"EXECUTE {name}({', '.join(_literal(params[n]) for n in names)})" if names
                          else f"EXECUTE {name}", i))
         try:
-            cur.execute(";".join([*(text for text, _ in sent), *(["COMMIT"] if commit else [])]))
+            results = _exchange(raw.pgconn, ";".join([*(text for text, _ in sent), *(["COMMIT"] if commit else [])]),
+                                raw.info.encoding)
         except Exception:
             del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
             raise
         known.update(new)
         out: list[list[Any]] = [[] for _ in steps]
-        for _, step in sent:
-            if step is not None and cur.pgresult is not None and cur.pgresult.status == pq.ExecStatus.TUPLES_OK:
-                out[step] = cur.fetchall()  # (asking for the description would build it: dearer)
-            cur.nextset()
+        for (_, step), res in zip(sent, results, strict=False):
+            if step is not None and res.status == pq.ExecStatus.TUPLES_OK:
+                out[step] = _pg_rows(steps[step][0], res, raw.info.encoding)
         return out
-
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
                 now: float) -> None:
         """Decide the queued requests not yet decided under ``version``; store each verdict."""
@@ -1002,12 +1008,14 @@ _RUNNING_COUNTS = sa.text(
     " (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running' AND app_id = :app)")
 _INSERT = sa.text(f"INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) "
                   f"VALUES ({', '.join(':' + c.name for c in requests.c)})")
-_INSERT_NEXT = sa.text(  # the same, its seq the one its add's _ARRIVE took
-    _INSERT.text.replace(":seq,", "(SELECT next_seq - 1 FROM bgt_queues WHERE device = :device),"))
-_ADD_GUARD = sa.text(  # PostgreSQL: fails the transaction (a division by zero) when a rule refuses the add
-    "SELECT 1 / (CASE WHEN c.exists_ = 0 AND c.n_app < :max_app AND q.live < :max_queued"
-    " AND (c.target_of IS NULL OR :direction <> 'download') THEN 1 ELSE 0 END)"
-    f" FROM ({_ADD_CHECKS.text}) c, (SELECT live - 1 AS live FROM bgt_queues WHERE device = :device) q")
+_ENQUEUE = sa.text(  # PostgreSQL: all of an add after its _ARRIVE, in one statement (Store._enqueue)
+    "WITH guard AS (SELECT 1 / (CASE WHEN c.exists_ = 0 AND c.n_app < :max_app AND q.live < :max_queued"
+    " AND (c.target_of IS NULL OR :direction <> 'download') THEN 1 ELSE 0 END) AS ok"  # a refusal fails it
+    f" FROM ({_ADD_CHECKS.text}) c, (SELECT live - 1 AS live FROM bgt_queues WHERE device = :device) q), "
+    f"request AS (INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) SELECT "
+    + ", ".join("(SELECT next_seq - 1 FROM bgt_queues WHERE device = :device)" if c.name == "seq"  # _ARRIVE's
+                else f":{c.name}" for c in requests.c)
+    + f" FROM guard WHERE ok = 1), turn AS ({_FIRST_TURN.text}), counted AS ({_COUNT.text}) {_WAKE.text}")
 _NEW_REQUEST = {c.name: c.default.arg if c.default is not None else None for c in requests.c}  # what an add omits
 Step = tuple[sa.TextClause, Mapping[str, Any]]  # a statement and its parameters, for Store._batch
 
@@ -1019,6 +1027,22 @@ def _renewal(names: tuple[str, ...], plain: bool) -> sa.TextClause:
     return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
                    f"WHERE {_FENCE} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''} "
                    "RETURNING control, device, app_id")
+
+
+def _together(steps: list[Step]) -> Step:
+    """PostgreSQL: data-modifying statements as one, each a WITH query (which runs once and to
+    its end whether or not anything reads it), returning the first one's RETURNING rows, if it
+    has any: each statement fewer saves the server its set-up and the client a result."""
+    return _joined(tuple(stmt for stmt, _ in steps)), {
+        f"{name}_{i}": value for i, (_, params) in enumerate(steps) for name, value in params.items()}
+
+
+@functools.cache
+def _joined(stmts: tuple[sa.TextClause, ...]) -> sa.TextClause:
+    """The statement of ``_together``: each one's parameters :name renamed :name_i."""
+    parts = [f"w{i} AS ({_BIND.sub(lambda m, i=i: f':{m.group(1)}_{i}', stmt.text)})" for i, stmt in enumerate(stmts)]
+    rows = "SELECT * FROM w0" if " RETURNING " in stmts[0].text else "SELECT 1 WHERE false"
+    return sa.text(f"WITH {', '.join(parts)} {rows}")
 
 
 @functools.cache
@@ -1081,10 +1105,14 @@ def _used(device: str, app_id: str, now: float, n: int) -> Step:
     return _USED, {"device": device, "app": app_id, "hour": int(now // 3600), "n": n}
 
 
+def _counted(device: str, d: policy.Decision, n: int) -> dict[str, Any]:
+    """``_COUNT``'s parameters for ``n`` verdicts ``d``, for the metrics."""
+    return {"device": device, "metric": "decision", "decision": d.action, "reason": d.reason, "n": n}
+
+
 def _verdict_counts(device: str, counts: Mapping[policy.Decision, int]) -> list[Step]:
     """Count admission verdicts, for the metrics."""
-    return [(_COUNT, {"device": device, "metric": "decision", "decision": d.action, "reason": d.reason, "n": n})
-            for d, n in counts.items()]
+    return [(_COUNT, _counted(device, d, n)) for d, n in counts.items()]
 
 
 def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
@@ -1143,8 +1171,61 @@ def _literal(value: Any) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+def _exchange(pgconn: pq.abc.PGconn, query: str, encoding: str) -> list[pq.abc.PGresult]:
+    """Send ``query`` (statements joined by ;) and take its results, one per statement, at the
+    libpq level: psycopg's cursor would spend more than the server does on these statements
+    in building itself and its rows. The waits are in ``poll``, which lets other threads run.
+    A failed statement (those after it do not run) raises psycopg's error for its SQLSTATE."""
+    pgconn.send_query(query.encode(encoding))
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    while pgconn.flush():  # (a nonblocking connection: what the socket did not take waits for it)
+        poller.modify(pgconn.socket, select.POLLIN | select.POLLOUT)
+        poller.poll()
+        pgconn.consume_input()
+    poller.modify(pgconn.socket, select.POLLIN)
+    results = []
+    while True:
+        while pgconn.is_busy():
+            poller.poll()
+            pgconn.consume_input()
+        res = pgconn.get_result()
+        if res is None:
+            break
+        results.append(res)
+    for res in results:
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            state = res.error_field(pq.DiagnosticField.SQLSTATE)
+            kind = psycopg.errors.lookup(state.decode()) if state else psycopg.OperationalError
+            raise kind(res.error_message.decode(encoding, errors="replace").strip())
+    return results
+
+
+_DECODE: dict[int, Callable[[bytes], Any]] = {  # a text-format value by its type's OID (others: a string)
+    16: lambda v: v == b"t", 20: int, 21: int, 23: int, 700: float, 701: float,
+    1700: lambda v: decimal.Decimal(v.decode()), 114: json.loads, 3802: json.loads, 2278: lambda _v: None}
+
+
+_SHAPES: dict[tuple[sa.TextClause, str], tuple[Callable[..., Any], list[Callable[[bytes], Any]]]] = {}
+
+
+def _pg_rows(stmt: sa.TextClause, res: pq.abc.PGresult, encoding: str) -> list[Any]:
+    """A statement's rows as named tuples, each value in its Python type (JSON decoded). A
+    prepared statement's columns never change, so their names and types are read once."""
+    shape = _SHAPES.get((stmt, encoding))
+    if shape is None:
+        text = functools.partial(bytes.decode, encoding=encoding)
+        names = [res.fname(i).decode(encoding) for i in range(res.nfields)]
+        shape = _SHAPES[stmt, encoding] = (collections.namedtuple("Row", names, rename=True)._make,  # type: ignore[misc]
+                                           [_DECODE.get(res.ftype(i), text) for i in range(res.nfields)])
+    make, decoders = shape
+    columns = list(enumerate(decoders))
+    return [make([None if (v := res.get_value(r, i)) is None else decode(v) for i, decode in columns])
+            for r in range(res.ntuples)]
+
+
 def _rows(cur: Any) -> list[Any]:
-    """A sqlite3 cursor's rows as named tuples, JSON columns decoded (psycopg decodes its own)."""
+    """A sqlite3 cursor's rows as named tuples, JSON columns decoded (PostgreSQL's: ``_pg_rows``)."""
     if cur.description is None:
         return []
     make = _row_type(tuple(d[0] for d in cur.description))

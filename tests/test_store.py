@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 import time
 
@@ -465,3 +466,31 @@ def test_an_attempt_ending_while_its_app_removes_it_does_not_deadlock(env) -> No
         remover.close()
     assert "error" not in outcome and "pass" in outcome
     assert store.get(rid) is None  # the removed request's end deleted it
+
+
+def test_a_batch_returns_each_value_in_its_type_and_raises_a_failed_statement(env) -> None:
+    """The hot paths' statements (``Store._batch``): parameters go and values come back as they
+    are (quotes, backslashes, non-ASCII text, JSON, NULL, booleans, numbers), each statement's
+    rows apart; a statement that fails raises the driver's error for it and stores nothing."""
+    store, s, dep = env
+    text = "it's a \\ back'slash, \"quoted\", café ∑"
+    r = {**row("a", 0, dep.device), "tag": text, "headers": {"X-Note": text}}
+    assert store.insert(r, dataclasses.replace(s, max_concurrent_per_device=0)) == []
+    read = sa.text("SELECT tag, headers, seq, not_before, removed, expected_sha256 FROM bgt_requests WHERE id = :id")
+    with store.tx() as conn:
+        got, gone, [dev] = store._batch(conn, [
+            (read, {"id": r["id"]}), (read, {"id": "none"}),
+            (sa.text("SELECT conditions, cond_version FROM bgt_devices WHERE name = :device"), {"device": dep.device})])
+    [(tag, headers, seq, not_before, removed, sha)] = [tuple(x) for x in got]
+    assert (tag, headers, sha) == (text, {"X-Note": text}, None)
+    assert isinstance(seq, int) and not_before == 0.0 and removed == False  # noqa: E712 (SQLite's is 0)
+    assert gone == [] and isinstance(dev.conditions, dict) and isinstance(dev.cond_version, int)
+    with pytest.raises(Exception) as failed, store.tx() as conn:
+        store._batch(conn, [(sa.text("UPDATE bgt_requests SET tag = 'changed' WHERE id = :id"), {"id": r["id"]}),
+                            (sa.text("INSERT INTO bgt_queues (device, next_seq, live) VALUES (:device, 1, 0)"),
+                             {"device": dep.device})], commit=True)  # (the device has its queue row)
+    import psycopg
+
+    assert isinstance(failed.value, psycopg.errors.UniqueViolation if store.dialect == "postgresql"
+                      else sqlite3.IntegrityError)
+    assert store.get(r["id"])["tag"] == text
