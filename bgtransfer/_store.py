@@ -565,18 +565,20 @@ class Store:
         millisecond); PostgreSQL instead wakes the device's workers (``Wakeups``), whose pass
         runs beside the caller, which would otherwise pay its round trips and a broker message
         for each request it admits."""
-        try:
-            return self._add(row, s)
-        except TransferError:
-            raise
-        except psycopg.errors.DivisionByZero:  # a rule broke between the checked add's read and its write (an
-            return self._add(row, s)  # add of the app on another device): read again, to say which
-        except Exception:  # the connection lost around the commit: the request may be stored all the same
-            if self.get(row["id"]) is None:
+        for _ in range(3):
+            try:
+                return self._add(row, s)
+            except TransferError:
                 raise
-            log.warning("request %s is stored, but its add failed after the commit: the periodic pass admits it",
-                        row["id"], exc_info=True)
-            return []
+            except psycopg.errors.DivisionByZero:  # a rule broke between the checked add's read and its write
+                continue  # (an add of the app on another device): read again, to say which
+            except Exception:  # the connection lost around the commit: the request may be stored all the same
+                if self.get(row["id"]) is None:
+                    raise
+                log.warning("request %s is stored, but its add failed after the commit: the periodic pass admits it",
+                            row["id"], exc_info=True)
+                return []
+        raise QuotaExceededError(f"request {row['id']} was refused: the app's requests changed under each try")
 
     def _add(self, row: dict[str, Any], s: Settings) -> list[tuple[str, int]]:
         now = time.time()
@@ -914,7 +916,7 @@ class Store:
         out: list[list[Any]] = [[] for _ in steps]
         for (_, step), res in zip(sent, results, strict=False):
             if step is not None and res.status == pq.ExecStatus.TUPLES_OK:
-                out[step] = _pg_rows(steps[step][0], res, raw.info.encoding)
+                out[step] = _pg_rows(res, raw.info.encoding)
         return out
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
                 now: float) -> None:
@@ -1009,9 +1011,9 @@ _RUNNING_COUNTS = sa.text(
 _INSERT = sa.text(f"INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) "
                   f"VALUES ({', '.join(':' + c.name for c in requests.c)})")
 _ENQUEUE = sa.text(  # PostgreSQL: all of an add after its _ARRIVE, in one statement (Store._enqueue)
-    "WITH guard AS (SELECT 1 / (CASE WHEN c.exists_ = 0 AND c.n_app < :max_app AND q.live < :max_queued"
-    " AND (c.target_of IS NULL OR :direction <> 'download') THEN 1 ELSE 0 END) AS ok"  # a refusal fails it
-    f" FROM ({_ADD_CHECKS.text}) c, (SELECT live - 1 AS live FROM bgt_queues WHERE device = :device) q), "
+    "WITH guard AS (SELECT 1 / (CASE WHEN c.exists_ = 0 AND c.n_app < :max_app AND (SELECT live - 1 FROM bgt_queues"
+    " WHERE device = :device) < :max_queued AND (c.target_of IS NULL OR :direction <> 'download') THEN 1 ELSE 0 END)"
+    f" AS ok FROM ({_ADD_CHECKS.text}) c), "  # (one row, always: a refusal, or no queue row yet, fails it)
     f"request AS (INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) SELECT "
     + ", ".join("(SELECT next_seq - 1 FROM bgt_queues WHERE device = :device)" if c.name == "seq"  # _ARRIVE's
                 else f":{c.name}" for c in requests.c)
@@ -1121,7 +1123,7 @@ def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
 
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # per connection: names
-_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a text statement's :name parameters
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?![:\w])")  # a text statement's :name parameters
 
 
 @functools.cache
@@ -1194,11 +1196,20 @@ def _exchange(pgconn: pq.abc.PGconn, query: str, encoding: str) -> list[pq.abc.P
             break
         results.append(res)
     for res in results:
-        if res.status == pq.ExecStatus.FATAL_ERROR:
-            state = res.error_field(pq.DiagnosticField.SQLSTATE)
-            kind = psycopg.errors.lookup(state.decode()) if state else psycopg.OperationalError
-            raise kind(res.error_message.decode(encoding, errors="replace").strip())
+        if res.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.BAD_RESPONSE):
+            state = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+            raise _error_class(state)(res.error_message.decode(encoding, errors="replace").strip())
     return results
+
+
+def _error_class(state: str) -> type[psycopg.Error]:
+    """psycopg's exception for an SQLSTATE (none: the connection failed), else for its class."""
+    if not state:
+        return psycopg.OperationalError
+    for code in (state, state[:2] + "000"):
+        with contextlib.suppress(KeyError):
+            return psycopg.errors.lookup(code)
+    return psycopg.DatabaseError
 
 
 _DECODE: dict[int, Callable[[bytes], Any]] = {  # a text-format value by its type's OID (others: a string)
@@ -1206,18 +1217,20 @@ _DECODE: dict[int, Callable[[bytes], Any]] = {  # a text-format value by its typ
     1700: lambda v: decimal.Decimal(v.decode()), 114: json.loads, 3802: json.loads, 2278: lambda _v: None}
 
 
-_SHAPES: dict[tuple[sa.TextClause, str], tuple[Callable[..., Any], list[Callable[[bytes], Any]]]] = {}
+_Shape = tuple[Callable[..., Any], list[Callable[[bytes], Any]]]  # a row maker and a decoder per column
+_SHAPES: dict[tuple[str, tuple[bytes, ...], tuple[int, ...]], _Shape] = {}
 
 
-def _pg_rows(stmt: sa.TextClause, res: pq.abc.PGresult, encoding: str) -> list[Any]:
-    """A statement's rows as named tuples, each value in its Python type (JSON decoded). A
-    prepared statement's columns never change, so their names and types are read once."""
-    shape = _SHAPES.get((stmt, encoding))
+def _pg_rows(res: pq.abc.PGresult, encoding: str) -> list[Any]:
+    """A result's rows as named tuples, each value in its Python type (JSON decoded); how to
+    make them is kept per set of columns (a statement's depend on the database: ``*``)."""
+    n = res.nfields
+    key = encoding, tuple(res.fname(i) for i in range(n)), tuple(res.ftype(i) for i in range(n))
+    shape = _SHAPES.get(key)
     if shape is None:
         text = functools.partial(bytes.decode, encoding=encoding)
-        names = [res.fname(i).decode(encoding) for i in range(res.nfields)]
-        shape = _SHAPES[stmt, encoding] = (collections.namedtuple("Row", names, rename=True)._make,  # type: ignore[misc]
-                                           [_DECODE.get(res.ftype(i), text) for i in range(res.nfields)])
+        shape = _SHAPES[key] = (collections.namedtuple("Row", [f.decode(encoding) for f in key[1]],  # type: ignore[misc]
+                                                       rename=True)._make, [_DECODE.get(t, text) for t in key[2]])
     make, decoders = shape
     columns = list(enumerate(decoders))
     return [make([None if (v := res.get_value(r, i)) is None else decode(v) for i, decode in columns])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import threading
@@ -494,3 +495,42 @@ def test_a_batch_returns_each_value_in_its_type_and_raises_a_failed_statement(en
     assert isinstance(failed.value, psycopg.errors.UniqueViolation if store.dialect == "postgresql"
                       else sqlite3.IntegrityError)
     assert store.get(r["id"])["tag"] == text
+
+
+def test_a_batch_follows_a_statements_columns_when_they_change(env) -> None:
+    """PostgreSQL: rows are made by the columns each result has, not by those a statement had
+    before (``*`` changes with an upgrade made by another process)."""
+    store, _s, _dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: its rows are made from each cursor's description")
+    import psycopg
+
+    every = sa.text("SELECT * FROM bgt_shape_probe")
+    with store.tx() as conn:
+        conn.exec_driver_sql("CREATE TABLE bgt_shape_probe (a INTEGER, b TEXT)")
+        conn.exec_driver_sql("INSERT INTO bgt_shape_probe VALUES (1, 'x')")
+    try:
+        with store.tx() as conn:
+            [[first]] = store._batch(conn, [(every, {})])
+        with store.tx() as conn:
+            conn.exec_driver_sql("ALTER TABLE bgt_shape_probe ADD COLUMN c FLOAT DEFAULT 2.5")
+        with contextlib.suppress(psycopg.errors.FeatureNotSupported), store.tx() as conn:
+            store._batch(conn, [(every, {})])  # (the prepared plan's result type changed: prepared again after)
+        with store.tx() as conn:
+            [[then]] = store._batch(conn, [(every, {})])
+    finally:
+        with store.tx() as conn:
+            conn.exec_driver_sql("DROP TABLE bgt_shape_probe")
+    assert tuple(first) == (1, "x") and tuple(then) == (1, "x", 2.5) and then.c == 2.5
+
+
+def test_an_add_without_its_devices_queue_row_is_stored_all_the_same(env) -> None:
+    """An add whose one-round-trip way finds no queue row for its device (a device's first add
+    in this process, or a row gone) is refused there, not lost: the checked way stores it."""
+    store, s, dep = env
+    [first] = add(store, s, "a", 1, dep.device)
+    with store.tx() as conn:
+        conn.exec_driver_sql(f"DELETE FROM bgt_queues WHERE device = '{dep.device}'")
+    r = row("b", 0, dep.device)
+    assert store.insert(r, dataclasses.replace(s, max_concurrent_per_device=0)) == []
+    assert store.get(first) is not None and store.get(r["id"]) is not None
