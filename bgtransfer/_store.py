@@ -834,9 +834,15 @@ class Store:
         return Pass(picks[1:], {**first, "conditions": _conditions(first["conditions"], now)})
 
     def _together(self, steps: list[Step]) -> list[Step]:
-        """Writes as one statement on PostgreSQL (``_together``); as they are on SQLite, where
-        a statement costs no round trip nor much else, and writes cannot be WITH queries."""
-        return [_together(steps)] if self.dialect == "postgresql" else steps
+        """Data-modifying statements as one on PostgreSQL, each a WITH query (which runs once and
+        to its end whether or not anything reads it), returning the first one's RETURNING rows,
+        if it has any: each statement fewer saves the server its set-up and the client a result.
+        On SQLite, where a statement costs no round trip and writes cannot be WITH queries, as
+        they are."""
+        if self.dialect != "postgresql":
+            return steps
+        return [(_joined(tuple(stmt for stmt, _ in steps)), {
+            f"{name}_{i}": value for i, (_, params) in enumerate(steps) for name, value in params.items()})]
 
     def _recheck(self, device: str, tally: Any, free: int) -> list[Step]:
         """What a pass that leaves ``free`` slots free runs after its commit (PostgreSQL): an add
@@ -906,9 +912,10 @@ class Store:
                 new.append(name)
             sent.append((f"EXECUTE {name}({', '.join(_literal(params[n]) for n in names)})" if names
                          else f"EXECUTE {name}", i))
+        encoding = raw.info.encoding
         try:
             results = _exchange(raw.pgconn, ";".join([*(text for text, _ in sent), *(["COMMIT"] if commit else [])]),
-                                raw.info.encoding)
+                                encoding)
         except Exception:
             del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
             raise
@@ -916,8 +923,9 @@ class Store:
         out: list[list[Any]] = [[] for _ in steps]
         for (_, step), res in zip(sent, results, strict=False):
             if step is not None and res.status == pq.ExecStatus.TUPLES_OK:
-                out[step] = _pg_rows(res, raw.info.encoding)
+                out[step] = _pg_rows(res, encoding)
         return out
+
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
                 now: float) -> None:
         """Decide the queued requests not yet decided under ``version``; store each verdict."""
@@ -1031,17 +1039,9 @@ def _renewal(names: tuple[str, ...], plain: bool) -> sa.TextClause:
                    "RETURNING control, device, app_id")
 
 
-def _together(steps: list[Step]) -> Step:
-    """PostgreSQL: data-modifying statements as one, each a WITH query (which runs once and to
-    its end whether or not anything reads it), returning the first one's RETURNING rows, if it
-    has any: each statement fewer saves the server its set-up and the client a result."""
-    return _joined(tuple(stmt for stmt, _ in steps)), {
-        f"{name}_{i}": value for i, (_, params) in enumerate(steps) for name, value in params.items()}
-
-
 @functools.cache
 def _joined(stmts: tuple[sa.TextClause, ...]) -> sa.TextClause:
-    """The statement of ``_together``: each one's parameters :name renamed :name_i."""
+    """The statement of ``Store._together``: each one's parameters :name renamed :name_i."""
     parts = [f"w{i} AS ({_BIND.sub(lambda m, i=i: f':{m.group(1)}_{i}', stmt.text)})" for i, stmt in enumerate(stmts)]
     rows = "SELECT * FROM w0" if " RETURNING " in stmts[0].text else "SELECT 1 WHERE false"
     return sa.text(f"WITH {', '.join(parts)} {rows}")
@@ -1175,8 +1175,8 @@ def _literal(value: Any) -> str:
 
 def _exchange(pgconn: pq.abc.PGconn, query: str, encoding: str) -> list[pq.abc.PGresult]:
     """Send ``query`` (statements joined by ;) and take its results, one per statement, at the
-    libpq level: psycopg's cursor would spend more than the server does on these statements
-    in building itself and its rows. The waits are in ``poll``, which lets other threads run.
+    libpq level, without a psycopg cursor, which builds itself and a row maker for each result.
+    The waits are in ``poll``, which lets other threads run.
     A failed statement (those after it do not run) raises psycopg's error for its SQLSTATE."""
     pgconn.send_query(query.encode(encoding))
     poller = select.poll()
@@ -1229,8 +1229,8 @@ def _pg_rows(res: pq.abc.PGresult, encoding: str) -> list[Any]:
     shape = _SHAPES.get(key)
     if shape is None:
         text = functools.partial(bytes.decode, encoding=encoding)
-        shape = _SHAPES[key] = (collections.namedtuple("Row", [f.decode(encoding) for f in key[1]],  # type: ignore[misc]
-                                                       rename=True)._make, [_DECODE.get(t, text) for t in key[2]])
+        shape = _SHAPES[key] = (_row_class(tuple(f.decode(encoding) for f in key[1]))._make,
+                                [_DECODE.get(t, text) for t in key[2]])
     make, decoders = shape
     columns = list(enumerate(decoders))
     return [make([None if (v := res.get_value(r, i)) is None else decode(v) for i, decode in columns])
@@ -1246,8 +1246,14 @@ def _rows(cur: Any) -> list[Any]:
 
 
 @functools.cache
+def _row_class(names: tuple[str, ...]) -> Any:
+    """The named tuple of a result's columns (a name that is no identifier becomes _0, _1, ...)."""
+    return collections.namedtuple("Row", names, rename=True)  # type: ignore[misc]
+
+
+@functools.cache
 def _row_type(names: tuple[str, ...]) -> Callable[[tuple[Any, ...]], Any]:
-    cls = collections.namedtuple("Row", names)  # type: ignore[misc]
+    cls = _row_class(names)
     decode = [i for i, n in enumerate(names) if n in _JSON]
     if not decode:
         return cls._make
