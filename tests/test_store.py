@@ -214,6 +214,35 @@ def test_chained_passes_start_what_fair_share_picks(env) -> None:
     assert order == expected
 
 
+def test_a_pass_that_ends_an_attempt_and_claims_the_next_is_durable_when_it_returns(env) -> None:
+    """PostgreSQL: a plain pass commits without waiting for the WAL flush, but one that records an
+    attempt's outcome and claims the next request for its caller returns only when the log is
+    flushed past what it wrote to both rows (each row's page says how far the log must reach for
+    it), so a server crash after could undo neither (the worker moves bytes at once)."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: every commit is the database file's own")
+    import psycopg
+
+    with psycopg.connect(s.store_url, autocommit=True) as pg:
+        try:
+            pg.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        except psycopg.Error as exc:
+            pytest.skip(f"PostgreSQL's pageinspect extension is not available: {exc}")
+        store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+        s = dataclasses.replace(s, max_concurrent_per_device=1)
+        add(store, s, "a", 2, dep.device)
+        [(rid, token)] = store.promote(dep.device, s)
+        running = store.claim(rid, token, "w", s)
+        after = store.finish_and_pass(rid, running["lease_token"], dep.device, s, "w", phase="done",
+                                      status="COMPLETED")
+        flushed = pg.execute(
+            "SELECT r.phase, pg_current_wal_flush_lsn() >= h.lsn FROM bgt_requests r, page_header(get_raw_page("
+            "'bgt_requests', (r.ctid::text::point)[0]::int)) h WHERE r.id = ANY(%s) ORDER BY r.phase",
+            ([rid, after.claimed["id"]],)).fetchall()
+    assert flushed == [("done", True), ("running", True)]
+
+
 def test_conditions_decide_and_persist(env) -> None:
     store, s, dep = env
     (rid,) = add(store, s, "a", 1, dep.device)
