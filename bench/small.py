@@ -61,14 +61,24 @@ Backends (``--backends``, comma-separated; default all three, ``--quick``: embed
     plain celery, bgtransfer's conf
                       the same task with bgtransfer's Celery settings (prefetch 1, acks_late, task
                       events on, ...): tells bgtransfer's Celery choices apart from its own machinery.
+    bgtransfer, no flush wait
+                      (PostgreSQL backends) bgtransfer as above, with the run's database set to
+                      ``synchronous_commit = off`` for this measurement (``ALTER DATABASE``, reset
+                      after): no commit waits for PostgreSQL's log to reach the disk, so an add
+                      returns, and a worker starts its next request, before they are durable. Not
+                      a way to run bgtransfer (a server crash could lose an accepted request, or
+                      give a claim's token out twice): it tells what the flushes cost (two per
+                      transfer: the add, and the attempt's outcome with the next claim), which the
+                      plain task does not pay: Celery publishes without waiting for the broker's
+                      confirm, so a send returns before the broker has written anything.
     aria2c            ``aria2c -i LIST -j C`` over the same n URLs (keep-alive, its default), the
                       whole command timed; then sizes and sha256. ``--auto-save-interval=0``: by
                       default aria2c writes and syncs a control file per download, which made
                       its time depend on the disk's write-back (2-10 s for 400 files here).
     Every worker gets a fresh device and queue, and first runs 2*C downloads untimed (so its
     pool children are past their first task); the sending side is warmed up the same way.
-    Reported: transfers/s per variant, bgtransfer / plain celery (target >= 0.8) and
-    bgtransfer / aria2c.
+    Reported: transfers/s per variant, bgtransfer / plain celery (target >= 0.8),
+    bgtransfer / aria2c and, on PostgreSQL, bgtransfer with no flush wait / plain celery.
 
 2. Scale-out: the same n downloads with 1 worker and with 2 workers (concurrency C each), the
    device cap 2*C in both; the speed-up 2 workers / 1 worker.
@@ -144,6 +154,7 @@ DEFAULT_QUEUED = Settings().max_queued_per_device
 
 BGT, PLAIN, PLAIN_BGT, ARIA2 = "bgtransfer", "plain celery", "plain celery, bgtransfer's conf", "aria2c"
 VARIANTS = (BGT, PLAIN, PLAIN_BGT, ARIA2)
+BGT_UNFLUSHED = "bgtransfer, no flush wait"  # PostgreSQL only: what the WAL flushes cost
 TARGET_VS_PLAIN = 0.8
 
 
@@ -415,6 +426,25 @@ def open_backend(name: str, tmp: Path, stack: contextlib.ExitStack) -> Backend:
         b.env["BGTRANSFER_DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0] + "/" + db_name
     stack.callback(close_clients, load(b.env))  # before the database is dropped (LIFO)
     return b
+
+
+@contextlib.contextmanager
+def commits_unflushed(b: Backend) -> Iterator[None]:
+    """The run's database with ``synchronous_commit = off`` for the connections opened meanwhile
+    (this process's are closed first, so that its adds open new ones; the workers are new), reset
+    after (and this process's connections closed again)."""
+    import psycopg
+
+    def setting(value: str) -> None:
+        close_clients(load(b.env))
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {b.database} {value}")
+
+    setting("SET synchronous_commit = off")
+    try:
+        yield
+    finally:
+        setting("RESET synchronous_commit")
 
 
 def close_clients(s: Settings) -> None:
@@ -708,12 +738,14 @@ def run_backend(name: str, args: argparse.Namespace, tmp: Path, files: Files, se
         stack.callback(b.settle)
         log(f"{name}: ready ({b.env.get('BGTRANSFER_BROKER_URL') or 'filesystem broker'}, "
             f"{b.env.get('BGTRANSFER_DATABASE_URL') or 'SQLite'})")
-        small: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        variants = [*VARIANTS, *([BGT_UNFLUSHED] if b.database else [])]
+        small: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for r in range(args.repeat):
-            for v in VARIANTS:
-                if v == BGT:
-                    x = bgt_measure(b, files, n, workers=1, concurrency=c, cap=c, gated=False, stack=stack,
-                                    diagnose=True)
+            for v in variants:
+                if v in (BGT, BGT_UNFLUSHED):
+                    with commits_unflushed(b) if v == BGT_UNFLUSHED else contextlib.nullcontext():
+                        x = bgt_measure(b, files, n, workers=1, concurrency=c, cap=c, gated=False, stack=stack,
+                                        diagnose=True)
                 elif v in (PLAIN, PLAIN_BGT):
                     x = plain_measure(b, files, n, concurrency=c, like_bgt=v == PLAIN_BGT, stack=stack)
                 else:
@@ -736,10 +768,10 @@ def run_backend(name: str, args: argparse.Namespace, tmp: Path, files: Files, se
                 depth[str(d)].append(x)
                 log(f"{name}: #{r + 1} queue of {d:>4}: {x['ms_per_transfer']:6.2f} ms per transfer "
                     f"(add p50 {x['add_ms']['p50']:.2f} ms)")
-    rates = {v: best(small[v])["per_s"] for v in VARIANTS}
+    rates = {v: best(small[v])["per_s"] for v in variants}
     out: dict[str, Any] = {
         "backend": name,
-        "small": {v: {"best_per_s": rates[v], "samples": small[v]} for v in VARIANTS},
+        "small": {v: {"best_per_s": rates[v], "samples": small[v]} for v in variants},
         "bgt_vs_plain": rates[BGT] / rates[PLAIN],
         "bgt_vs_plain_bgt_conf": rates[BGT] / rates[PLAIN_BGT],
         "bgt_vs_aria2c": rates[BGT] / rates[ARIA2],
@@ -766,6 +798,10 @@ def ratios(results: list[dict[str, Any]], depths: list[int]) -> dict[str, dict[s
         b = r["backend"]
         out[f"{b}: bgtransfer / plain celery"] = {"value": r["bgt_vs_plain"], "target": TARGET_VS_PLAIN, "op": ">="}
         out[f"{b}: bgtransfer / aria2c"] = {"value": r["bgt_vs_aria2c"], "target": None, "op": ">="}
+        if BGT_UNFLUSHED in r["small"]:
+            out[f"{b}: bgtransfer, no flush wait / plain celery"] = {
+                "value": r["small"][BGT_UNFLUSHED]["best_per_s"] / r["small"][PLAIN]["best_per_s"], "target": None,
+                "op": ">="}
         if "scale_out" in r:
             out[f"{b}: 2 workers / 1 worker"] = {"value": r["scale_out"]["speedup"], "target": None, "op": ">="}
         if len(depths) >= 2:
@@ -788,7 +824,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"{n:,} downloads of {FILE_BYTES} bytes, concurrency {c} (best of {result['repeat']}):")
         lines.append(f"  {'variant':<34} {'transfers/s':>11} {'ms each':>8} {'vs plain':>9} {'vs aria2c':>10}")
         plain, aria = r["small"][PLAIN]["best_per_s"], r["small"][ARIA2]["best_per_s"]
-        for v in VARIANTS:
+        for v in r["small"]:
             rate = r["small"][v]["best_per_s"]
             lines.append(f"  {v:<34} {rate:>11.1f} {1000 / rate:>8.2f} {rate / plain:>9.2f} {rate / aria:>10.2f}")
         lines.append(f"  bgtransfer / plain celery = {r['bgt_vs_plain']:.2f} (target >= {TARGET_VS_PLAIN}); "
@@ -814,7 +850,7 @@ def report(result: dict[str, Any]) -> str:
                      f"{plain_d['deliveries_per_transfer']:.2f} broker deliveries per transfer")
         lines.append(f"  CPU ms per transfer {'client':>8} {'w. main':>8} {'w. pool':>8} {'server':>8} {'services':>8} "
                      f"{'total':>8}")
-        for v in (BGT, PLAIN, PLAIN_BGT):
+        for v in (v for v in r["small"] if v != ARIA2):
             x = best(r["small"][v]["samples"])["cpu_ms_per_transfer"]
             lines.append(f"    {v[:32]:<32} " + " ".join(f"{x.get(k, 0.0):>8.2f}" for k in (
                 "client", "main", "pool", "server", "services", "total")))
@@ -824,10 +860,10 @@ def report(result: dict[str, Any]) -> str:
                 lines.append(f"  queue {d}: {x['pg_per_transfer']['xact_commit']:.1f} store transactions per transfer,"
                              f" add p50 {x['add_ms']['p50']:.2f} ms")
     lines.append("")
-    lines.append(f"{'ratio':<58} {'value':>6} {'target':>8}")
+    lines.append(f"{'ratio':<62} {'value':>6} {'target':>8}")
     for name, x in result["ratios"].items():
         target = f"{x['op']} {x['target']:g}" if x["target"] is not None else "-"
-        lines.append(f"{name:<58} {x['value']:>6.2f} {target:>8}")
+        lines.append(f"{name:<62} {x['value']:>6.2f} {target:>8}")
     return "\n".join(lines)
 
 
