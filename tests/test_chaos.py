@@ -78,7 +78,9 @@ def test_random_kills_lose_nothing_and_never_exceed_the_cap(deployment: Deployme
     completed = collections.Counter()
     for w in deployment.workers:
         completed.update(re.findall(r"request ([0-9a-f]{32}): completed", w.text()))
-    assert set(completed) == set(reqs) and max(completed.values()) == 1, "a request completed twice"
+    assert max(completed.values()) == 1, "a request completed twice"
+    # (a worker logs an outcome after its commit: a kill in between takes that line with it)
+    assert set(completed) <= set(reqs) and len(set(reqs) - set(completed)) <= sum(kills.values())
     # nothing is left holding a slot once all is done
     wait_for(lambda: store.promote(device, deployment.settings) == [] and all(
         r["phase"] == "done" for r in store.list(device=device)), 10, 0.2, "no slot held")
