@@ -46,7 +46,9 @@ Backends (``--backends``, comma-separated; default all three, ``--quick``: embed
                       the device cap raised to C (``BGTRANSFER_MAX_CONCURRENT_PER_DEVICE``). The
                       requests are added through the public API, one thread, round-robin over
                       ceil(n / 25) apps (25 outstanding per app is the default quota, kept), the
-                      device's queued limit raised to fit (``BGTRANSFER_MAX_QUEUED_PER_DEVICE``).
+                      device's queued limit raised to fit (``BGTRANSFER_MAX_QUEUED_PER_DEVICE``);
+                      their sandbox folders are made before the timing, as the plain task's
+                      output folder is.
                       Timed from the first ``add`` until the store says all n are COMPLETED (one
                       ``count(*)`` on ``bgt_requests`` every 10 ms, a read-only connection; that
                       query is the only use of bgtransfer internals in the timing). Other settings
@@ -561,6 +563,9 @@ def bgt_measure(b: Backend, files: Files, n: int, *, workers: int, concurrency: 
     b.amqp_queues.append(s.queue)
     apps = [f"m{tag}a{k:03d}" for k in range(math.ceil(n / APP_QUOTA))]
     services = [BackgroundTransferService(a, settings=s) for a in apps]  # the first migrates the store
+    for a in apps:  # installed apps have their sandbox, as the plain task has its output folder: the
+        # run times the transfers, not a first add's folder creation (a few mkdirs per app)
+        (b.data_root / "apps" / a / "shared" / "transfers").mkdir(parents=True)
     control = BackgroundTransferService(f"m{tag}warm", settings=s)
     control.set_conditions(network="wifi", power="external")
 
