@@ -80,7 +80,9 @@ Backends (``--backends``, comma-separated; default all three, ``--quick``: embed
     Every worker gets a fresh device and queue, and first runs 2*C downloads untimed (so its
     pool children are past their first task); the sending side is warmed up the same way.
     Reported: transfers/s per variant, bgtransfer / plain celery (target >= 0.8),
-    bgtransfer / aria2c and, on PostgreSQL, bgtransfer with no flush wait / plain celery.
+    bgtransfer / aria2c and, on PostgreSQL, bgtransfer with no flush wait / plain celery;
+    also each bgtransfer sample against the plain sample run right after it, and the plain
+    task's range (the machine's speed moves between rounds).
 
 2. Scale-out: the same n downloads with 1 worker and with 2 workers (concurrency C each), the
    device cap 2*C in both; the speed-up 2 workers / 1 worker.
