@@ -351,6 +351,10 @@ class Backend:
     def data_root(self) -> Path:
         return Path(self.env["BGTRANSFER_DATA_ROOT"])
 
+    def sandbox(self, app: str) -> Path:
+        """An app's download folder (SPEC's sandbox: ``<data_root>/apps/<app>/shared/transfers``)."""
+        return self.data_root / "apps" / app / "shared" / "transfers"
+
     def next_dir(self, kind: str) -> Path:
         self.runs += 1
         path = self.tmp / f"{self.runs:02d}-{kind}"
@@ -567,7 +571,7 @@ def bgt_measure(b: Backend, files: Files, n: int, *, workers: int, concurrency: 
     services = [BackgroundTransferService(a, settings=s) for a in apps]  # the first migrates the store
     for a in apps:  # installed apps have their sandbox, as the plain task has its output folder: the
         # run times the transfers, not a first add's folder creation (a few mkdirs per app)
-        (b.data_root / "apps" / a / "shared" / "transfers").mkdir(parents=True)
+        b.sandbox(a).mkdir(parents=True)
     control = BackgroundTransferService(f"m{tag}warm", settings=s)
     control.set_conditions(network="wifi", power="external")
 
@@ -635,7 +639,7 @@ def bgt_measure(b: Backend, files: Files, n: int, *, workers: int, concurrency: 
         if found is None or found.transfer_status.value != "COMPLETED" or found.transfer_error:
             raise BenchError(f"request {rid}: {found and found.transfer_status.value}, "
                              f"error {found and found.transfer_error}")
-        expected[b.data_root / "apps" / apps[k] / "shared" / "transfers" / name] = name
+        expected[b.sandbox(apps[k]) / name] = name
     verify(files, expected, f"bgtransfer on {b.name}")
     for path in expected:
         path.unlink()
