@@ -144,12 +144,17 @@ _CONDITION_WAITS = [st.value for st in TransferStatus if st.name.startswith("WAI
 # (portable between SQLite and PostgreSQL) built once, which costs a fraction of composing them.
 _DEVICE_SQL = "SELECT name, conditions, cond_version FROM bgt_devices WHERE name = :device"
 _DEVICE = sa.text(_DEVICE_SQL)
-_DEVICE_FOR_UPDATE = sa.text(_DEVICE_SQL + " FOR UPDATE")
+# PostgreSQL: the device's lock is its row's and an advisory lock's, taken exclusive: a hand-off
+# (_HANDOFF_PICK) takes that one shared, so hand-offs run side by side but never beside a pass or
+# a change of conditions (the two-key form keeps it apart from the migrations' one-key lock).
+_DEVICE_KEY = "7320, hashtext(:device)"
+_DEVICE_LOCKED = f"pg_advisory_xact_lock({_DEVICE_KEY}), {_DEVICE_SQL[len('SELECT '):]} FOR UPDATE"
+_DEVICE_FOR_UPDATE = sa.text(f"SELECT {_DEVICE_LOCKED}")
 # PostgreSQL: the pass's commit need not wait for its WAL flush. What a crash could lose of it
 # (verdicts, admissions, reclaims) is recomputed by the next pass, and a lost admission's token
 # is fenced out; so the pass turns that wait off for its own transaction, in its first statement.
-_DEVICE_PASS = sa.text(
-    "SELECT set_config('synchronous_commit', 'off', true), " + _DEVICE_SQL[len("SELECT "):] + " FOR UPDATE")
+_DEVICE_PASS = sa.text(f"SELECT set_config('synchronous_commit', 'off', true), {_DEVICE_LOCKED}")
+_DEVICE_SHARED = sa.text(f"SELECT pg_advisory_xact_lock_shared({_DEVICE_KEY})")
 _HELD = "device = :device AND phase IN ('admitted', 'running')"
 _TALLY = sa.text(  # read after the device lock, so no other pass can change them meanwhile
     f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"
@@ -209,6 +214,35 @@ _TIED = (
 _NEXT_UP = {"sqlite": sa.text(_TIED), "postgresql": sa.text(  # (:apps and :free 1)
     f"{_TIED} UNION ALL SELECT * FROM ({_HEADS['postgresql'].text}) h WHERE NOT EXISTS (SELECT 1 FROM tied)")}
 _NEXT_UP_WINDOW = 32
+# PostgreSQL: an attempt that ends hands its slot to the next request, which its worker runs
+# next: the held slots stay as many, so this needs no pass and no device lock, only that none
+# runs meanwhile (_DEVICE_SHARED before it) and that nothing needs a pass's care: slots over the
+# cap, an expired lease, a verdict to make again, an app out of the foreground. The pick is a
+# chained pass's (_NEXT_UP: a tied app's earliest request, else the first turn's head), skipping
+# the rows a concurrent hand-off holds; as policy.fair_share's first pick, the app's clock moves
+# on by 1/weight (:steps, by app; 1 for the others) and the device's virtual time to the pick's
+# turn. One statement, one round trip (_handoff); no row, and nothing written, if there is no
+# such pick or the attempt's lease no longer holds.
+_HANDOFF_PICK = (
+    "vt AS (SELECT coalesce((SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''), 0) AS vnow), "
+    "dev AS (SELECT conditions, cond_version FROM bgt_devices WHERE name = :device), "
+    f"ok AS (SELECT 1 FROM dev WHERE (SELECT count(*) FROM bgt_requests WHERE {_HELD}) <= :cap"
+    f" AND NOT EXISTS (SELECT 1 FROM bgt_requests WHERE {_HELD} AND (lease_expires IS NULL OR lease_expires < :now))"
+    " AND NOT EXISTS (SELECT 1 FROM bgt_requests WHERE device = :device AND phase = 'queued'"
+    " AND decided_version IS NOT NULL AND decided_version < (SELECT cond_version FROM dev))"
+    " AND NOT EXISTS (SELECT 1 FROM json_each_text(dev.conditions -> 'foreground') f WHERE f.value::float8 <= :now)), "
+    # (the tied pick's row as locked, which a concurrent hand-off may have claimed since the window read it)
+    "tied AS (SELECT q.id, q.app_id, t.clock, q.phase, q.admissible, q.not_before FROM (SELECT id, seq FROM"
+    f" bgt_requests WHERE device = :device AND {_QUEUED} ORDER BY seq LIMIT :window) w JOIN bgt_requests q"
+    " ON q.id = w.id JOIN bgt_app_turns t ON t.device = :device AND t.app_id = q.app_id"
+    " WHERE t.clock <= (SELECT vnow FROM vt) AND EXISTS (SELECT 1 FROM ok)"
+    " ORDER BY w.seq LIMIT 1 FOR UPDATE OF q, t SKIP LOCKED), "
+    "heads AS (SELECT r.id, t.app_id, t.clock FROM "
+    + _TURNS.format(greatest="greatest", fence="OFFSET 0")
+    + f" CROSS JOIN LATERAL ({_NEXT.format(cols='id, seq')} LIMIT 1 FOR UPDATE SKIP LOCKED) r"
+    " WHERE NOT EXISTS (SELECT 1 FROM tied) AND EXISTS (SELECT 1 FROM ok)), "
+    f"pick AS (SELECT id, app_id, clock FROM tied q WHERE {_QUEUED.replace('phase', 'q.phase')}"
+    " UNION ALL SELECT * FROM heads)")
 # A step of Store._batch: on PostgreSQL, what came before it commits there and what follows is a
 # new transaction (which reads what the commit made visible: a pass's recheck).
 _COMMIT_SO_FAR = sa.text("COMMIT")
@@ -220,11 +254,20 @@ _WAKE = sa.text(  # an add's last read: the device's row, and its workers woken 
 _ARRIVALS_SHARED = "SELECT next_seq FROM bgt_queues WHERE device = :device FOR SHARE"  # waits for adds under way
 _ARRIVED = sa.text(  # after a pass that left a slot free: wake the workers if an add came since its read
     f"WITH q AS ({_ARRIVALS_SHARED}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> :arrivals")
-_ADMIT_RUNNING = sa.text(  # admitted and claimed at once, by the process that will run it
+_CLAIMED_AT_ONCE = (  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
-    "updated_at = :now WHERE id = :id RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
+    "updated_at = :now WHERE id = {id} RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
     "AS conditions")
+_ADMIT_RUNNING = sa.text(_CLAIMED_AT_ONCE.format(id=":id"))
+_HANDOFF_CLAIM = (  # (after the attempt's end, _renewal's with the guard that there is a pick)
+    "claim AS (" + _CLAIMED_AT_ONCE.format(id="(SELECT id FROM pick) AND EXISTS (SELECT 1 FROM ending)") + "), "
+    "turn AS (UPDATE bgt_app_turns t SET clock = greatest(t.clock, vt.vnow) + coalesce("
+    "(CAST(:steps AS json) ->> t.app_id)::float8, 1.0) FROM vt WHERE t.device = :device"
+    " AND t.app_id = (SELECT app_id FROM claim)), "
+    "vtime AS (INSERT INTO bgt_app_turns (device, app_id, clock) SELECT :device, '', p.clock FROM pick p, vt"
+    " WHERE p.clock > vt.vnow AND EXISTS (SELECT 1 FROM claim) ON CONFLICT (device, app_id)"
+    " DO UPDATE SET clock = greatest(bgt_app_turns.clock, excluded.clock)) SELECT * FROM claim")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
@@ -986,6 +1029,23 @@ class Store:
             self._batch(conn, steps, commit=True)
             return row
 
+    def _hand_off(self, request_id: str, token: int, device: str, s: Settings, owner: str,
+                  ending: Mapping[str, Any], now: float) -> dict[str, Any] | None:
+        """PostgreSQL: end the attempt with ``ending`` and claim the next request for ``owner`` in
+        one round trip, beside other hand-offs (``_HANDOFF_PICK``); the claimed row, or None with
+        nothing written (no pick that needs no pass, or the lease is lost), for a pass to decide."""
+        _, params = _renew(request_id, token, ending)
+        steps = json.dumps({app: 1.0 / w for app, w in sorted(s.weights.items())})
+        with self.tx(hot=True) as conn:
+            _, rows = self._batch(conn, [(_DEVICE_SHARED, {"device": device}), (_handoff(tuple(ending)), {
+                **params, "device": device, "now": now, "owner": owner, "expires": now + s.lease_seconds,
+                "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps})],
+                commit=True)
+        if not rows:
+            return None
+        first = rows[0]._asdict()
+        return {**first, "conditions": _conditions(first["conditions"], now)}
+
     def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
                         used: int = 0, **fields: Any) -> Pass:
         """``finish``, then the admission pass for the slot it frees on ``device`` (the request's);
@@ -995,6 +1055,10 @@ class Store:
         or paused the request meanwhile, or bytes are to count against a quota (``used``)."""
         now = time.time()
         if not used:
+            if claim_as is not None and self.dialect == "postgresql" and not s.quotas:
+                claimed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
+                if claimed is not None:
+                    return Pass([], claimed)
             with self.tx(hot=True) as conn:
                 done = self._pass(conn, device, s, now, claim_as, ending=_renew(
                     request_id, token, _ending(fields, now), plain=True))
@@ -1031,12 +1095,19 @@ Step = tuple[sa.TextClause, Mapping[str, Any]]  # a statement and its parameters
 
 
 @functools.cache
-def _renewal(names: tuple[str, ...], plain: bool) -> sa.TextClause:
+def _renewal(names: tuple[str, ...], plain: bool, guard: str = "") -> sa.TextClause:
     """The fenced UPDATE of a running attempt's row that sets the columns ``names``; only if the
-    app has neither removed nor paused it, when ``plain``."""
+    app has neither removed nor paused it, when ``plain``, and if the condition ``guard`` holds."""
     return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
-                   f"WHERE {_FENCE} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''} "
-                   "RETURNING control, device, app_id")
+                   f"WHERE {_FENCE} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''}"
+                   f"{f' AND {guard}' if guard else ''} RETURNING control, device, app_id")
+
+
+@functools.cache
+def _handoff(names: tuple[str, ...]) -> sa.TextClause:
+    """The hand-off (_HANDOFF_PICK) of an attempt that ends setting the columns ``names``."""
+    ending = _renewal(names, True, "EXISTS (SELECT 1 FROM pick)").text
+    return sa.text(f"WITH {_HANDOFF_PICK}, ending AS ({ending}), {_HANDOFF_CLAIM}")
 
 
 @functools.cache

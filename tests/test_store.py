@@ -214,6 +214,106 @@ def test_chained_passes_start_what_fair_share_picks(env) -> None:
     assert order == expected
 
 
+def test_an_attempts_end_reclaims_an_expired_lease_before_it_gives_its_slot_on(env) -> None:
+    """An attempt that ends while another's lease has expired leaves the next start to a pass,
+    which reclaims the dead worker's request and gives both free slots by fair share: the
+    next to a newly arrived app, the other back to the dead worker's request, with a new token."""
+    store, s, dep = env
+    [dead], [rid] = add(store, s, "a", 1, dep.device), add(store, s, "b", 1, dep.device)
+    picks = store.promote(dep.device, s)
+    assert [r for r, _ in picks] == [dead, rid]  # the cap of 2
+    [(_, dead_token), (_, token)] = picks
+    store.claim(dead, dead_token, "dead", s)
+    store.claim(rid, token, "w", s)
+    [new] = add(store, s, "c", 1, dep.device)  # an app whose turn comes first
+    with store.tx() as conn:
+        conn.execute(sa.text("UPDATE bgt_requests SET lease_expires = 0 WHERE id = :id"), {"id": dead})
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", phase="done", status="COMPLETED")
+    assert after.claimed is not None and after.claimed["id"] == new
+    [(again, again_token)] = after.picks
+    assert again == dead and again_token > dead_token
+    with pytest.raises(LeaseLost):
+        store.heartbeat(dead, dead_token, 5)
+
+
+def test_an_attempts_end_decides_again_what_a_change_of_conditions_made_stale(env) -> None:
+    """Requests decided on Wi-Fi do not start on the slot an attempt gives back after the
+    network changed to cellular: that attempt's end decides them again first."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=1)
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    [first] = add(store, s, "a", 1, dep.device)
+    [(rid, token)] = store.promote(dep.device, s)
+    assert rid == first and store.claim(rid, token, "w", s) is not None
+    rest = add(store, s, "b", 1, dep.device) + add(store, s, "c", 1, dep.device)  # apps whose turn comes first
+    store.set_conditions(dep.device, {"network": "cellular"})
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", phase="done", status="COMPLETED")
+    assert after.claimed is None and after.picks == []
+    assert [store.get(r)["status"] for r in rest] == [TransferStatus.WAITING_FOR_WIFI.value] * 2
+
+
+def test_attempts_ending_at_once_hand_their_slots_on_side_by_side(env, monkeypatch) -> None:
+    """PostgreSQL: workers whose attempts end at the same time each claim the next request in one
+    hand-off, beside each other (no device lock between them): every request runs once, with
+    one token, and the slots held never exceed the cap, whatever the interleaving."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: one writer at a time, so every attempt's end is a pass")
+    s = dataclasses.replace(s, max_concurrent_per_device=4)
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    ids = [rid for app in ("a", "b", "c", "d", "e") for rid in add(store, s, app, 20, dep.device)]
+    handed: list[str] = []
+    hand_off = Store._hand_off
+
+    def counted(self: Store, *args: object, **kwargs: object) -> object:
+        claimed = hand_off(self, *args, **kwargs)
+        if claimed is not None:
+            handed.append(claimed["id"])
+        return claimed
+
+    monkeypatch.setattr(Store, "_hand_off", counted)
+    import psycopg
+
+    runs: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    held_most, stop = [0], threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(s.store_url, autocommit=True) as conn:
+            while not stop.is_set():
+                [(n,)] = conn.execute("SELECT count(*) FROM bgt_requests WHERE device = %s "
+                                      "AND phase IN ('admitted', 'running')", (dep.device,)).fetchall()
+                held_most[0] = max(held_most[0], n)
+
+    def work(first: tuple[str, int], owner: str) -> None:
+        try:
+            running = store.claim(*first, owner, s)
+            while running is not None:
+                runs.append((running["id"], running["lease_token"]))
+                after = store.finish_and_pass(running["id"], running["lease_token"], dep.device, s, owner,
+                                              phase="done", status="COMPLETED")
+                assert after.picks == []  # every slot was handed on, none left to dispatch
+                running = after.claimed
+        except BaseException as exc:  # seen by the test's thread
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=work, args=(pick, f"w{k}"))
+               for k, pick in enumerate(store.promote(dep.device, s))]
+    watcher.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    stop.set()
+    watcher.join(30)
+    assert len(workers) == 4 and errors == []
+    assert sorted(rid for rid, _ in runs) == sorted(ids)  # each once
+    assert all(store.get(rid)["phase"] == "done" for rid in ids)
+    assert 1 <= held_most[0] <= 4
+    assert len(handed) > len(ids) // 2  # mostly hand-offs: the queue ran dry only at its end
+
+
 def test_a_pass_that_ends_an_attempt_and_claims_the_next_is_durable_when_it_returns(env) -> None:
     """PostgreSQL: a plain pass commits without waiting for the WAL flush, but one that records an
     attempt's outcome and claims the next request for its caller returns only when the log is
