@@ -221,8 +221,10 @@ _NEXT_UP_WINDOW = 32
 # chained pass's (_NEXT_UP: a tied app's earliest request, else the first turn's head), skipping
 # the rows a concurrent hand-off holds; as policy.fair_share's first pick, the app's clock moves
 # on by 1/weight (:steps, by app; 1 for the others) and the device's virtual time to the pick's
-# turn. One statement, one round trip (_handoff); no row, and nothing written, if there is no
-# such pick or the attempt's lease no longer holds.
+# turn. When the queue has run dry, the attempt ends all the same and its slot is free: as after a
+# pass that leaves one free, an add that read it held is looked for after the commit
+# (_ARRIVED_DRY, with the arrivals this statement read). One round trip (Store._hand_off);
+# nothing written if there is neither pick nor a dry queue, or the attempt's lease no longer holds.
 _HANDOFF_PICK = (
     "vt AS (SELECT coalesce((SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''), 0) AS vnow), "
     "dev AS (SELECT conditions, cond_version FROM bgt_devices WHERE name = :device), "
@@ -231,6 +233,7 @@ _HANDOFF_PICK = (
     " AND NOT EXISTS (SELECT 1 FROM bgt_requests WHERE device = :device AND phase = 'queued'"
     " AND decided_version IS NOT NULL AND decided_version < (SELECT cond_version FROM dev))"
     " AND NOT EXISTS (SELECT 1 FROM json_each_text(dev.conditions -> 'foreground') f WHERE f.value::float8 <= :now)), "
+    f"dry AS (SELECT 1 FROM ok WHERE NOT EXISTS (SELECT 1 FROM bgt_requests WHERE device = :device AND {_QUEUED})), "
     # (the tied pick's row as locked, which a concurrent hand-off may have claimed since the window read it)
     "tied AS (SELECT q.id, q.app_id, t.clock, q.phase, q.admissible, q.not_before FROM (SELECT id, seq FROM"
     f" bgt_requests WHERE device = :device AND {_QUEUED} ORDER BY seq LIMIT :window) w JOIN bgt_requests q"
@@ -251,9 +254,14 @@ _WAKE = sa.text(  # an add's last read: the device's row, and its workers woken 
     f"SELECT name, conditions, cond_version, CASE WHEN (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
     "OR cond_version <> :version THEN pg_notify('bgtransfer', :device) END AS woke FROM bgt_devices "
     "WHERE name = :device")
-_ARRIVALS_SHARED = "SELECT next_seq FROM bgt_queues WHERE device = :device FOR SHARE"  # waits for adds under way
+_ARRIVALS = "SELECT next_seq FROM bgt_queues WHERE device = :device{gate} FOR SHARE"  # waits for adds under way
+_ARRIVALS_SHARED = _ARRIVALS.format(gate="")
+_ARRIVED_SINCE = "WITH q AS ({arrivals}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> {since}"
 _ARRIVED = sa.text(  # after a pass that left a slot free: wake the workers if an add came since its read
-    f"WITH q AS ({_ARRIVALS_SHARED}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> :arrivals")
+    _ARRIVED_SINCE.format(arrivals=_ARRIVALS_SHARED, since=":arrivals"))
+_ARRIVED_DRY = sa.text(_ARRIVED_SINCE.format(  # the same after a hand-off that found the queue dry (_HANDOFF_CLAIM)
+    arrivals=_ARRIVALS.format(gate=" AND current_setting('bgt.arrivals', true) <> ''"),
+    since="NULLIF(current_setting('bgt.arrivals', true), '')::bigint"))
 _CLAIMED_AT_ONCE = (  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
@@ -267,7 +275,10 @@ _HANDOFF_CLAIM = (  # (after the attempt's end, _renewal's with the guard that t
     " AND t.app_id = (SELECT app_id FROM claim)), "
     "vtime AS (INSERT INTO bgt_app_turns (device, app_id, clock) SELECT :device, '', p.clock FROM pick p, vt"
     " WHERE p.clock > vt.vnow AND EXISTS (SELECT 1 FROM claim) ON CONFLICT (device, app_id)"
-    " DO UPDATE SET clock = greatest(bgt_app_turns.clock, excluded.clock)) SELECT * FROM claim")
+    " DO UPDATE SET clock = greatest(bgt_app_turns.clock, excluded.clock)) "
+    "SELECT c.*, set_config('bgt.arrivals', CASE WHEN c.id IS NULL AND EXISTS (SELECT 1 FROM ending) THEN"
+    " (SELECT next_seq FROM bgt_queues WHERE device = :device)::text ELSE '' END, false) AS dry"
+    " FROM (SELECT 1) one LEFT JOIN claim c ON true")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
@@ -1030,21 +1041,23 @@ class Store:
             return row
 
     def _hand_off(self, request_id: str, token: int, device: str, s: Settings, owner: str,
-                  ending: Mapping[str, Any], now: float) -> dict[str, Any] | None:
+                  ending: Mapping[str, Any], now: float) -> Pass | None:
         """PostgreSQL: end the attempt with ``ending`` and claim the next request for ``owner`` in
-        one round trip, beside other hand-offs (``_HANDOFF_PICK``); the claimed row, or None with
-        nothing written (no pick that needs no pass, or the lease is lost), for a pass to decide."""
+        one round trip, beside other hand-offs (``_HANDOFF_PICK``): the claimed row, or none if
+        the queue ran dry; None with nothing written (no such pick, or the lease is lost), for a
+        pass to decide."""
         _, params = _renew(request_id, token, ending)
         steps = json.dumps({app: 1.0 / w for app, w in sorted(s.weights.items())})
         with self.tx(hot=True) as conn:
-            _, rows = self._batch(conn, [(_DEVICE_SHARED, {"device": device}), (_handoff(tuple(ending)), {
+            _, [row], *_ = self._batch(conn, [(_DEVICE_SHARED, {"device": device}), (_handoff(tuple(ending)), {
                 **params, "device": device, "now": now, "owner": owner, "expires": now + s.lease_seconds,
-                "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps})],
-                commit=True)
-        if not rows:
-            return None
-        first = rows[0]._asdict()
-        return {**first, "conditions": _conditions(first["conditions"], now)}
+                "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps}),
+                (_COMMIT_SO_FAR, {}), (_ARRIVED_DRY, {"device": device})], commit=True)
+        if row.id is None:
+            return Pass([], None) if row.dry else None
+        claimed = row._asdict()
+        del claimed["dry"]
+        return Pass([], {**claimed, "conditions": _conditions(claimed["conditions"], now)})
 
     def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
                         used: int = 0, **fields: Any) -> Pass:
@@ -1056,9 +1069,9 @@ class Store:
         now = time.time()
         if not used:
             if claim_as is not None and self.dialect == "postgresql" and not s.quotas:
-                claimed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
-                if claimed is not None:
-                    return Pass([], claimed)
+                handed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
+                if handed is not None:
+                    return handed
             with self.tx(hot=True) as conn:
                 done = self._pass(conn, device, s, now, claim_as, ending=_renew(
                     request_id, token, _ending(fields, now), plain=True))
@@ -1106,7 +1119,7 @@ def _renewal(names: tuple[str, ...], plain: bool, guard: str = "") -> sa.TextCla
 @functools.cache
 def _handoff(names: tuple[str, ...]) -> sa.TextClause:
     """The hand-off (_HANDOFF_PICK) of an attempt that ends setting the columns ``names``."""
-    ending = _renewal(names, True, "EXISTS (SELECT 1 FROM pick)").text
+    ending = _renewal(names, True, "(EXISTS (SELECT 1 FROM pick) OR EXISTS (SELECT 1 FROM dry))").text
     return sa.text(f"WITH {_HANDOFF_PICK}, ending AS ({ending}), {_HANDOFF_CLAIM}")
 
 

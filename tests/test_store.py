@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from bgtransfer import BackgroundTransferRequest, Settings, TransferStatus
 from bgtransfer import _policy as policy
 from bgtransfer._exceptions import LeaseLost, TransferError
-from bgtransfer._store import _TALLY, Store, schema
+from bgtransfer._store import _HELD, _TALLY, Store, schema
 from tests.conftest import STORES, Deployment
 
 
@@ -266,10 +266,10 @@ def test_attempts_ending_at_once_hand_their_slots_on_side_by_side(env, monkeypat
     hand_off = Store._hand_off
 
     def counted(self: Store, *args: object, **kwargs: object) -> object:
-        claimed = hand_off(self, *args, **kwargs)
-        if claimed is not None:
-            handed.append(claimed["id"])
-        return claimed
+        handed_on = hand_off(self, *args, **kwargs)
+        if handed_on is not None and handed_on.claimed is not None:
+            handed.append(handed_on.claimed["id"])
+        return handed_on
 
     monkeypatch.setattr(Store, "_hand_off", counted)
     import psycopg
@@ -312,6 +312,45 @@ def test_attempts_ending_at_once_hand_their_slots_on_side_by_side(env, monkeypat
     assert all(store.get(rid)["phase"] == "done" for rid in ids)
     assert 1 <= held_most[0] <= 4
     assert len(handed) > len(ids) // 2  # mostly hand-offs: the queue ran dry only at its end
+
+
+def test_an_attempt_that_ends_on_a_dry_queue_frees_its_slot_and_wakes_the_workers_for_an_add_under_way(env) -> None:
+    """PostgreSQL: an attempt that ends with nothing queued ends in its hand-off all the same and
+    frees its slot; an add under way then (holding the queue row, having read the slot held) is
+    waited for after the commit and wakes the workers, as after a pass that leaves a slot free."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
+    import psycopg
+
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    wakeups, stopping = store.wakeups(dep.device), threading.Event()
+    adding = psycopg.connect(s.store_url, autocommit=False)
+    try:
+        adding.execute("UPDATE bgt_queues SET next_seq = next_seq + 1 WHERE device = %s", (dep.device,))
+        outcome: list[object] = []
+        ending = threading.Thread(target=lambda: outcome.append(store.finish_and_pass(
+            rid, token, dep.device, s, "w", phase="done", status="COMPLETED")))
+        ending.start()
+        ending.join(0.5)
+        assert ending.is_alive()  # its recheck waits for the add's commit
+        adding.commit()
+        ending.join(30)
+        [after] = outcome
+        assert after.claimed is None and after.picks == []
+        assert store.get(rid)["phase"] == "done"
+        with store.tx() as conn:
+            assert conn.execute(sa.text(f"SELECT count(*) FROM bgt_requests WHERE {_HELD}"),
+                                {"device": dep.device}).scalar() == 0
+        t0 = time.monotonic()
+        wakeups.wait(30, stopping)  # returns on the recheck's NOTIFY
+        assert time.monotonic() - t0 < 20
+    finally:
+        adding.close()
+        wakeups.close()
 
 
 def test_a_pass_that_ends_an_attempt_and_claims_the_next_is_durable_when_it_returns(env) -> None:
