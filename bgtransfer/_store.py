@@ -1065,10 +1065,14 @@ class Store:
         with ``claim_as`` the first request admitted is claimed for that owner, who runs it next.
 
         Usually the outcome is written in the pass's first transaction: unless the app removed
-        or paused the request meanwhile, or bytes are to count against a quota (``used``)."""
+        or paused the request meanwhile, or bytes are to count against a quota (``used``). On
+        PostgreSQL, an attempt that is done and claims the next request for ``claim_as`` hands
+        its slot on without a pass when nothing needs one (``_hand_off``); one that puts its
+        request back in the queue (a retry, a refreshed URL) leaves it to the pass to decide it."""
         now = time.time()
         if not used:
-            if claim_as is not None and self.dialect == "postgresql" and not s.quotas:
+            if claim_as is not None and fields.get("phase") == "done" and self.dialect == "postgresql" \
+                    and not s.quotas:
                 handed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
                 if handed is not None:
                     return handed

@@ -252,6 +252,37 @@ def test_an_attempts_end_decides_again_what_a_change_of_conditions_made_stale(en
     assert [store.get(r)["status"] for r in rest] == [TransferStatus.WAITING_FOR_WIFI.value] * 2
 
 
+def test_an_attempts_end_notices_an_app_leaving_the_foreground_before_it_gives_its_slot_on(env) -> None:
+    """On 2G only an app in the foreground may transfer: an app whose time there ended while it
+    waited does not get the slot an attempt gives back; that attempt's end decides again first."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=1)
+    now = time.time()
+    store.set_conditions(dep.device, {"network": "cellular-2g", "foreground": {"a": now + 600, "b": now + 0.5}})
+    (rid,) = add(store, s, "a", 1, dep.device, prefs="ALLOW_CELLULAR_AND_BATTERY")
+    [(_, token)] = store.promote(dep.device, s)
+    assert store.claim(rid, token, "w", s) is not None
+    (waiting,) = add(store, s, "b", 1, dep.device, prefs="ALLOW_CELLULAR_AND_BATTERY")
+    assert store.get(waiting)["admissible"]  # b is in the foreground for now
+    time.sleep(max(0.0, now + 0.6 - time.time()))
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", phase="done", status="COMPLETED")
+    assert after.claimed is None
+    row_now = store.get(waiting)
+    assert not row_now["admissible"]
+    assert row_now["status"] == TransferStatus.WAITING_FOR_NON_VOICE_BLOCKING_NETWORK.value
+
+
+def test_an_attempt_that_puts_its_request_back_in_the_queue_has_its_pass_start_it_again(env) -> None:
+    """A requeued attempt (its size learnt, say) is decided again by the pass its end runs, which
+    starts it again at once when nothing else waits, with a new token."""
+    store, s, dep = env
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", phase="queued", status="WAITING", not_before=0.0)
+    assert after.claimed is not None and after.claimed["id"] == rid and after.claimed["lease_token"] > token
+
+
 def test_attempts_ending_at_once_hand_their_slots_on_side_by_side(env, monkeypatch) -> None:
     """PostgreSQL: workers whose attempts end at the same time each claim the next request in one
     hand-off, beside each other (no device lock between them): every request runs once, with
