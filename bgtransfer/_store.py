@@ -250,8 +250,9 @@ _HANDOFF_PICK = (
 # new transaction (which reads what the commit made visible: a pass's recheck).
 _COMMIT_SO_FAR = sa.text("COMMIT")
 _WAKE = sa.text(  # an add's last read: the device's row, and its workers woken (Wakeups, at the commit)
-    # if a slot is free or the conditions changed since the add's verdict
-    f"SELECT name, conditions, cond_version, CASE WHEN (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
+    # if a slot is free or the conditions changed since the add's verdict (then they come too)
+    "SELECT name, CASE WHEN cond_version <> :version THEN conditions END AS conditions, cond_version, "
+    f"CASE WHEN (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
     "OR cond_version <> :version THEN pg_notify('bgtransfer', :device) END AS woke FROM bgt_devices "
     "WHERE name = :device")
 _ARRIVALS = "SELECT next_seq FROM bgt_queues WHERE device = :device{gate} FOR SHARE"  # waits for adds under way
@@ -687,7 +688,8 @@ class Store:
                                               self._enqueue(row, d, seen[1], s, now)], commit=True)
         except (psycopg.errors.DivisionByZero, psycopg.errors.IntegrityError):  # refused, or a racing twin
             return False
-        self._seen[row["device"]] = dev.conditions, dev.cond_version
+        if dev.conditions is not None:  # changed since this process last read them
+            self._seen[row["device"]] = dev.conditions, dev.cond_version
         return True
 
     def _enqueue(self, row: dict[str, Any], d: policy.Decision, version: int, s: Settings, now: float) -> Step:

@@ -588,6 +588,21 @@ def test_an_add_decided_under_conditions_changed_elsewhere_is_decided_again_firs
     assert row_now["status"] == TransferStatus.WAITING_FOR_WIFI.value
 
 
+def test_an_add_learns_conditions_changed_elsewhere_for_the_next_add(env) -> None:
+    """The add that finds the conditions changed since this process read them brings them back,
+    so the next add decides under them (here: waits for Wi-Fi at once), not under the old ones."""
+    store, s, dep = env
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    elsewhere = Store(s.store_url)
+    try:
+        elsewhere.set_conditions(dep.device, {"network": "cellular"})
+    finally:
+        elsewhere.close()
+    first, second = add(store, s, "a", 2, dep.device)
+    assert store.get(second)["status"] == TransferStatus.WAITING_FOR_WIFI.value
+    assert not store.get(second)["admissible"]
+
+
 def test_a_pass_that_leaves_a_slot_free_wakes_the_workers_for_an_add_it_missed(env) -> None:
     """PostgreSQL: an add that committed after a pass read the queue, and read the slots as held
     before that pass freed one, is seen by the pass's recheck after its commit, which waits for
