@@ -221,7 +221,11 @@ _NEXT_UP_WINDOW = 32
 # chained pass's (_NEXT_UP: a tied app's earliest request, else the first turn's head), skipping
 # the rows a concurrent hand-off holds; as policy.fair_share's first pick, the app's clock moves
 # on by 1/weight (:steps, by app; 1 for the others) and the device's virtual time to the pick's
-# turn. When the queue has run dry, the attempt ends all the same and its slot is free: as after a
+# turn. The attempt's own row is taken without waiting: a concurrent hand-off whose pick read it
+# while it was still queued may hold it (a lock on a row's newest version outlives the recheck
+# that drops it), and waiting for that one while holding a pick of one's own could close a
+# cycle of them; so a held row makes this a miss, for the pass, which waits its turn.
+# When the queue has run dry, the attempt ends all the same and its slot is free: as after a
 # pass that leaves one free, an add that read it held is looked for after the commit
 # (_ARRIVED_DRY, with the arrivals this statement read). One round trip (Store._hand_off);
 # nothing written if there is neither pick nor a dry queue, or the attempt's lease no longer holds.
@@ -1125,7 +1129,8 @@ def _renewal(names: tuple[str, ...], plain: bool, guard: str = "") -> sa.TextCla
 @functools.cache
 def _handoff(names: tuple[str, ...]) -> sa.TextClause:
     """The hand-off (_HANDOFF_PICK) of an attempt that ends setting the columns ``names``."""
-    ending = _renewal(names, True, "(EXISTS (SELECT 1 FROM pick) OR EXISTS (SELECT 1 FROM dry))").text
+    ending = _renewal(names, True, "(EXISTS (SELECT 1 FROM pick) OR EXISTS (SELECT 1 FROM dry)) AND EXISTS "
+                      "(SELECT 1 FROM bgt_requests mine WHERE mine.id = :rid FOR UPDATE SKIP LOCKED)").text
     return sa.text(f"WITH {_HANDOFF_PICK}, ending AS ({ending}), {_HANDOFF_CLAIM}")
 
 

@@ -345,6 +345,37 @@ def test_attempts_ending_at_once_hand_their_slots_on_side_by_side(env, monkeypat
     assert len(handed) > len(ids) // 2  # mostly hand-offs: the queue ran dry only at its end
 
 
+def test_a_hand_off_does_not_wait_for_its_attempts_row_held_elsewhere(env) -> None:
+    """PostgreSQL: a hand-off whose attempt's row another transaction holds (a concurrent
+    hand-off's pick that read it while it was queued) neither waits nor writes: it leaves the
+    end to the pass, which waits its turn. Hand-offs waiting on each other's rows while holding
+    their own picks could otherwise close a cycle (a deadlock, seen once in CI)."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: one writer at a time, so every attempt's end is a pass")
+    import psycopg
+
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    rid, *_ = add(store, s, "a", 1, dep.device) + add(store, s, "b", 2, dep.device)
+    [(_, token)] = store.promote(dep.device, dataclasses.replace(s, max_concurrent_per_device=1))
+    store.claim(rid, token, "w", s)
+    holder = psycopg.connect(s.store_url, autocommit=False)
+    try:
+        holder.execute("SELECT 1 FROM bgt_requests WHERE id = %s FOR UPDATE", (rid,))
+        outcome: list[object] = []
+        now = time.time()
+        handing = threading.Thread(target=lambda: outcome.append(store._hand_off(
+            rid, token, dep.device, s, "w", {"phase": "done", "status": "COMPLETED", "updated_at": now}, now)))
+        handing.start()
+        handing.join(10)
+        assert not handing.is_alive() and outcome == [None]
+        assert store.get(rid)["phase"] == "running"  # nothing written
+    finally:
+        holder.close()
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", phase="done", status="COMPLETED")
+    assert after.claimed is not None and store.get(rid)["phase"] == "done"
+
+
 def test_an_attempt_that_ends_on_a_dry_queue_frees_its_slot_and_wakes_the_workers_for_an_add_under_way(env) -> None:
     """PostgreSQL: an attempt that ends with nothing queued ends in its hand-off all the same and
     frees its slot; an add under way then (holding the queue row, having read the slot held) is
