@@ -219,7 +219,9 @@ _NEXT_UP_WINDOW = 32
 # runs meanwhile (_DEVICE_SHARED before it) and that nothing needs a pass's care: slots over the
 # cap, an expired lease, a verdict to make again, an app out of the foreground. The pick is a
 # chained pass's (_NEXT_UP: a tied app's earliest request, else the first turn's head), skipping
-# the rows a concurrent hand-off holds; as policy.fair_share's first pick, the app's clock moves
+# the requests a concurrent hand-off holds (only those: a lock on an app's clock row, kept after a
+# recheck dropped it, would make one hand-off wait for another's clock while it holds its own,
+# and two could wait for each other); as policy.fair_share's first pick, the app's clock moves
 # on by 1/weight (:steps, by app; 1 for the others) and the device's virtual time to the pick's
 # turn. The attempt's own row is taken without waiting: a concurrent hand-off whose pick read it
 # while it was still queued may hold it (a lock on a row's newest version outlives the recheck
@@ -243,7 +245,7 @@ _HANDOFF_PICK = (
     f" bgt_requests WHERE device = :device AND {_QUEUED} ORDER BY seq LIMIT :window) w JOIN bgt_requests q"
     " ON q.id = w.id JOIN bgt_app_turns t ON t.device = :device AND t.app_id = q.app_id"
     " WHERE t.clock <= (SELECT vnow FROM vt) AND EXISTS (SELECT 1 FROM ok)"
-    " ORDER BY w.seq LIMIT 1 FOR UPDATE OF q, t SKIP LOCKED), "
+    " ORDER BY w.seq LIMIT 1 FOR UPDATE OF q SKIP LOCKED), "
     "heads AS (SELECT r.id, t.app_id, t.clock FROM "
     + _TURNS.format(greatest="greatest", fence="OFFSET 0")
     + f" CROSS JOIN LATERAL ({_NEXT.format(cols='id, seq')} LIMIT 1 FOR UPDATE SKIP LOCKED) r"
@@ -1050,8 +1052,8 @@ class Store:
                   ending: Mapping[str, Any], now: float) -> Pass | None:
         """PostgreSQL: end the attempt with ``ending`` and claim the next request for ``owner`` in
         one round trip, beside other hand-offs (``_HANDOFF_PICK``): the claimed row, or none if
-        the queue ran dry; None with nothing written (no such pick, or the lease is lost), for a
-        pass to decide."""
+        the queue ran dry; None with nothing written (no such pick, the lease lost, the request
+        removed or paused, or its row held by another hand-off), for a pass to decide."""
         _, params = _renew(request_id, token, ending)
         steps = json.dumps({app: 1.0 / w for app, w in sorted(s.weights.items())})
         with self.tx(hot=True) as conn:
@@ -1079,7 +1081,10 @@ class Store:
         if not used:
             if claim_as is not None and fields.get("phase") == "done" and self.dialect == "postgresql" \
                     and not s.quotas:
-                handed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
+                try:
+                    handed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                    handed = None  # (rolled back before its commit: nothing written) the pass decides
                 if handed is not None:
                     return handed
             with self.tx(hot=True) as conn:

@@ -376,6 +376,28 @@ def test_a_hand_off_does_not_wait_for_its_attempts_row_held_elsewhere(env) -> No
     assert after.claimed is not None and store.get(rid)["phase"] == "done"
 
 
+def test_a_hand_off_that_the_server_aborts_leaves_the_end_to_the_pass(env, monkeypatch) -> None:
+    """PostgreSQL: a hand-off aborted by the server (a deadlock, a serialization failure) wrote
+    nothing; the attempt's end then runs as a pass, which ends it and claims the next request."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: one writer at a time, so every attempt's end is a pass")
+    import psycopg
+
+    def aborted(*_args: object, **_kwargs: object) -> object:
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    rid, nxt = add(store, s, "a", 1, dep.device) + add(store, s, "b", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, dataclasses.replace(s, max_concurrent_per_device=1))
+    store.claim(rid, token, "w", s)
+    monkeypatch.setattr(Store, "_hand_off", aborted)
+    after = store.finish_and_pass(rid, token, dep.device, dataclasses.replace(s, max_concurrent_per_device=1), "w",
+                                  phase="done", status="COMPLETED")
+    assert store.get(rid)["phase"] == "done"
+    assert after.claimed is not None and after.claimed["id"] == nxt
+
+
 def test_an_attempt_that_ends_on_a_dry_queue_frees_its_slot_and_wakes_the_workers_for_an_add_under_way(env) -> None:
     """PostgreSQL: an attempt that ends with nothing queued ends in its hand-off all the same and
     frees its slot; an add under way then (holding the queue row, having read the slot held) is
