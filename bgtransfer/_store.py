@@ -275,7 +275,7 @@ _CLAIMED_AT_ONCE = (  # admitted and claimed at once, by the process that will r
     "updated_at = :now WHERE id = {id} RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
     "AS conditions")
 _ADMIT_RUNNING = sa.text(_CLAIMED_AT_ONCE.format(id=":id"))
-_HANDOFF_CLAIM = (  # (after the attempt's end, _renewal's with the guard that there is a pick)
+_HANDOFF_CLAIM = (  # (after the attempt's end: _renewal's, guarded as _handoff says)
     "claim AS (" + _CLAIMED_AT_ONCE.format(id="(SELECT id FROM pick) AND EXISTS (SELECT 1 FROM ending)") + "), "
     "turn AS (UPDATE bgt_app_turns t SET clock = greatest(t.clock, vt.vnow) + coalesce("
     "(CAST(:steps AS json) ->> t.app_id)::float8, 1.0) FROM vt WHERE t.device = :device"
@@ -1079,17 +1079,17 @@ class Store:
         request back in the queue (a retry, a refreshed URL) leaves it to the pass to decide it."""
         now = time.time()
         if not used:
+            ending = _ending(fields, now)
             if claim_as is not None and fields.get("phase") == "done" and self.dialect == "postgresql" \
                     and not s.quotas:
                 try:
-                    handed = self._hand_off(request_id, token, device, s, claim_as, _ending(fields, now), now)
+                    handed = self._hand_off(request_id, token, device, s, claim_as, ending, now)
                 except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                     handed = None  # (rolled back before its commit: nothing written) the pass decides
                 if handed is not None:
                     return handed
             with self.tx(hot=True) as conn:
-                done = self._pass(conn, device, s, now, claim_as, ending=_renew(
-                    request_id, token, _ending(fields, now), plain=True))
+                done = self._pass(conn, device, s, now, claim_as, ending=_renew(request_id, token, ending, plain=True))
             if done is not None:
                 return done
         self.finish(request_id, token, used, **fields)
