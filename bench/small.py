@@ -67,12 +67,12 @@ Backends (``--backends``, comma-separated; default all three, ``--quick``: embed
                       (PostgreSQL backends) bgtransfer as above, with the run's database set to
                       ``synchronous_commit = off`` for this measurement (``ALTER DATABASE``, reset
                       after): no commit waits for PostgreSQL's log to reach the disk, so an add
-                      returns, and a worker starts its next request, before they are durable. Not
-                      a way to run bgtransfer (a server crash could lose an accepted request, or
-                      give a claim's token out twice): it tells what the flushes cost (two per
-                      transfer: the add, and the attempt's outcome with the next claim), which the
-                      plain task does not pay: Celery publishes without waiting for the broker's
-                      confirm, so a send returns before the broker has written anything.
+                      returns before it is durable. Not a way to run bgtransfer (a server crash
+                      could lose an accepted request): it tells what the flushes cost (one per
+                      transfer, the add's, when its attempt's end is a hand-off, which does not
+                      wait), which the plain task does not pay: Celery publishes without waiting
+                      for the broker's confirm, so a send returns before the broker has written
+                      anything.
     aria2c            ``aria2c -i LIST -j C`` over the same n URLs (keep-alive, its default), the
                       whole command timed; then sizes and sha256. ``--auto-save-interval=0``: by
                       default aria2c writes and syncs a control file per download, which made

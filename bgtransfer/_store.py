@@ -150,11 +150,16 @@ _DEVICE = sa.text(_DEVICE_SQL)
 _DEVICE_KEY = "7320, hashtext(:device)"
 _DEVICE_LOCKED = f"pg_advisory_xact_lock({_DEVICE_KEY}), {_DEVICE_SQL[len('SELECT '):]} FOR UPDATE"
 _DEVICE_FOR_UPDATE = sa.text(f"SELECT {_DEVICE_LOCKED}")
-# PostgreSQL: the pass's commit need not wait for its WAL flush. What a crash could lose of it
-# (verdicts, admissions, reclaims) is recomputed by the next pass, and a lost admission's token
-# is fenced out; so the pass turns that wait off for its own transaction, in its first statement.
-_DEVICE_PASS = sa.text(f"SELECT set_config('synchronous_commit', 'off', true), {_DEVICE_LOCKED}")
-_DEVICE_SHARED = sa.text(f"SELECT pg_advisory_xact_lock_shared({_DEVICE_KEY})")
+# PostgreSQL: a pass's commit, and a hand-off's, need not wait for its WAL flush. What a server
+# crash could lose of them is recomputed by the next pass (verdicts, admissions, reclaims) or
+# redone: an attempt's outcome, whose lease then expires and is reclaimed (a transfer runs at
+# least once, as after a worker's crash), and a claim, whose token a later pass may give out
+# again but whose owner it does not (_HELD_BY fences out the first holder). So they turn that
+# wait off for their own transaction, in their first statement (_NO_FLUSH_WAIT); an add's commit
+# and a claim of a dispatched request still wait for it.
+_NO_FLUSH_WAIT = "set_config('synchronous_commit', 'off', true)"
+_DEVICE_PASS = sa.text(f"SELECT {_NO_FLUSH_WAIT}, {_DEVICE_LOCKED}")
+_DEVICE_SHARED = sa.text(f"SELECT {_NO_FLUSH_WAIT}, pg_advisory_xact_lock_shared({_DEVICE_KEY})")
 _HELD = "device = :device AND phase IN ('admitted', 'running')"
 _TALLY = sa.text(  # read after the device lock, so no other pass can change them meanwhile
     f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}) AS held,"
@@ -228,9 +233,10 @@ _NEXT_UP_WINDOW = 32
 # that drops it), and waiting for that one while holding a pick of one's own could close a
 # cycle of them; so a held row makes this a miss, for the pass, which waits its turn.
 # When the queue has run dry, the attempt ends all the same and its slot is free: as after a
-# pass that leaves one free, an add that read it held is looked for after the commit
-# (_ARRIVED_DRY, with the arrivals this statement read). One round trip (Store._hand_off);
-# nothing written if there is neither pick nor a dry queue, or the attempt's lease no longer holds.
+# pass that leaves one free, an add that read it held is looked for after the commit (_ARRIVED,
+# with the arrivals this statement read, in a second round trip: only then). One round trip
+# (Store._hand_off); nothing written if there is neither pick nor a dry queue, or the attempt's
+# lease no longer holds.
 _HANDOFF_PICK = (
     "vt AS (SELECT coalesce((SELECT clock FROM bgt_app_turns WHERE device = :device AND app_id = ''), 0) AS vnow), "
     "dev AS (SELECT conditions, cond_version FROM bgt_devices WHERE name = :device), "
@@ -261,17 +267,12 @@ _WAKE = sa.text(  # an add's last read: the device's row, and its workers woken 
     f"CASE WHEN (SELECT count(*) FROM bgt_requests WHERE {_HELD}) < :cap "
     "OR cond_version <> :version THEN pg_notify('bgtransfer', :device) END AS woke FROM bgt_devices "
     "WHERE name = :device")
-_ARRIVALS = "SELECT next_seq FROM bgt_queues WHERE device = :device{gate} FOR SHARE"  # waits for adds under way
-_ARRIVALS_SHARED = _ARRIVALS.format(gate="")
-_ARRIVED_SINCE = "WITH q AS ({arrivals}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> {since}"
-_ARRIVED = sa.text(  # after a pass that left a slot free: wake the workers if an add came since its read
-    _ARRIVED_SINCE.format(arrivals=_ARRIVALS_SHARED, since=":arrivals"))
-_ARRIVED_DRY = sa.text(_ARRIVED_SINCE.format(  # the same after a hand-off that found the queue dry (_HANDOFF_CLAIM)
-    arrivals=_ARRIVALS.format(gate=" AND current_setting('bgt.arrivals', true) <> ''"),
-    since="NULLIF(current_setting('bgt.arrivals', true), '')::bigint"))
+_ARRIVALS_SHARED = "SELECT next_seq FROM bgt_queues WHERE device = :device FOR SHARE"  # waits for adds under way
+_ARRIVED = sa.text(  # after a pass (or hand-off) that left a slot free: wake the workers if an add came since its read
+    f"WITH q AS ({_ARRIVALS_SHARED}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> :arrivals")
 _CLAIMED_AT_ONCE = (  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
-    "lease_token = lease_token + 1, lease_owner = :owner, lease_expires = :expires, attempts = attempts + 1, "
+    "lease_token = lease_token + 1, lease_owner = :claimer, lease_expires = :expires, attempts = attempts + 1, "
     "updated_at = :now WHERE id = {id} RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = :device) "
     "AS conditions")
 _ADMIT_RUNNING = sa.text(_CLAIMED_AT_ONCE.format(id=":id"))
@@ -283,9 +284,8 @@ _HANDOFF_CLAIM = (  # (after the attempt's end: _renewal's, guarded as _handoff 
     "vtime AS (INSERT INTO bgt_app_turns (device, app_id, clock) SELECT :device, '', p.clock FROM pick p, vt"
     " WHERE p.clock > vt.vnow AND EXISTS (SELECT 1 FROM claim) ON CONFLICT (device, app_id)"
     " DO UPDATE SET clock = greatest(bgt_app_turns.clock, excluded.clock)) "
-    "SELECT c.*, set_config('bgt.arrivals', CASE WHEN c.id IS NULL AND EXISTS (SELECT 1 FROM ending) THEN"
-    " (SELECT next_seq FROM bgt_queues WHERE device = :device)::text ELSE '' END, false) AS dry"
-    " FROM (SELECT 1) one LEFT JOIN claim c ON true")
+    "SELECT c.*, CASE WHEN c.id IS NULL AND EXISTS (SELECT 1 FROM ending) THEN (SELECT next_seq FROM bgt_queues"
+    " WHERE device = :device) END AS dry FROM (SELECT 1) one LEFT JOIN claim c ON true")
 _ADMIT = sa.text(
     "UPDATE bgt_requests SET phase = 'admitted', lease_token = lease_token + 1, lease_expires = :expires, "
     "wait_reason = NULL, updated_at = :now WHERE id = :id")
@@ -572,7 +572,7 @@ class Store:
     # ------------------------------------------------------------------ devices
     def _lock(self, durable: bool = True) -> sa.TextClause:
         """The statement that reads a device's row and locks it until the transaction ends; one
-        that is not ``durable`` does not wait for PostgreSQL's WAL flush when it commits."""
+        that is not ``durable`` (a pass's) does not wait for PostgreSQL's WAL flush when it commits."""
         if self.dialect != "postgresql":
             return _DEVICE  # BEGIN IMMEDIATE already holds the database's write lock
         return _DEVICE_FOR_UPDATE if durable else _DEVICE_PASS
@@ -824,15 +824,11 @@ class Store:
         ``_enqueue``), and a pass that leaves a slot free reads whether a request arrived after
         its commit (``_recheck``), waiting for adds under way: one of the two sees the other.
 
-        A pass commits without waiting for the WAL flush (PostgreSQL), as what a crash could
-        lose of it is recomputed by the next one; not one that records an outcome, nor one that
-        claims a request for its caller (``claim_as``), who moves bytes at once: a lost claim
-        could give its token out again."""
+        A pass commits without waiting for the WAL flush (PostgreSQL): see ``_NO_FLUSH_WAIT``."""
         first = [ending] if ending else []  # after the lock: the device's row, then a request's
         next_up = claim_as is not None
         survey = self._survey(device, s, now, next_up)
-        durable = claim_as is not None or ending is not None
-        dev, *rows = self._batch(conn, [(self._lock(durable), {"device": device}), *first, *survey])
+        dev, *rows = self._batch(conn, [(self._lock(False), {"device": device}), *first, *survey])
         if ending and not rows[0]:
             return None
         tally, heads, *day = rows[len(first):]
@@ -840,7 +836,7 @@ class Store:
             dev = dev[0]
         else:  # a device's first pass
             self._create_device(conn, device)
-            dev, [tally, heads, *day] = self._lock_device(conn, device, durable, then=survey)
+            dev, [tally, heads, *day] = self._lock_device(conn, device, False, then=survey)
         version = dev.cond_version
         if tally[0].expired or (tally[0].oldest_verdict is not None and tally[0].oldest_verdict < version) \
                 or _left_foreground(dev.conditions, now):
@@ -882,7 +878,7 @@ class Store:
         expires = now + s.dispatch_seconds
         admits = [(_ADMIT, {"id": rid, "expires": expires, "now": now}) for rid in share.picked]
         if claim_as is not None and admits:  # the first pick runs here: admitted and claimed at once
-            admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "owner": claim_as, "expires": now + s.lease_seconds,
+            admits[0] = (_ADMIT_RUNNING, {"id": share.picked[0], "claimer": claim_as, "expires": now + s.lease_seconds,
                                           "now": now, "device": device})
         clocks = {**share.clocks, "": share.now}
         turns = {"device": device, **{f"app{i}": app for i, app in enumerate(clocks)},
@@ -1027,12 +1023,13 @@ class Store:
             return tuple(conn.execute(_RUNNING_COUNTS, {"device": device, "app": app_id}).one())  # type: ignore[return-value]
 
     def heartbeat(self, request_id: str, token: int, lease_seconds: float, used: int = 0,
-                  **fields: Any) -> str | None:
-        """Renew the lease and record progress (and ``used``: bytes moved since the last record,
-        for the quotas); returns the app's control ('pause'/'cancel')."""
+                  owner: str | None = None, **fields: Any) -> str | None:
+        """Renew the lease that ``token`` (and ``owner``, when given: see ``_HELD_BY``) hold and
+        record progress (and ``used``: bytes moved since the last record, for the quotas);
+        returns the app's control ('pause'/'cancel')."""
         now = time.time()
         with self.tx(hot=True) as conn:
-            [rows] = self._batch(conn, [_renew(request_id, token, {
+            [rows] = self._batch(conn, [_renew(request_id, token, owner, {
                 "lease_expires": now + lease_seconds, "updated_at": now, **fields})])
             if rows and used:
                 self._batch(conn, [_used(rows[0].device, rows[0].app_id, now, used)])
@@ -1040,35 +1037,38 @@ class Store:
             raise LeaseLost(request_id)
         return rows[0].control
 
-    def finish(self, request_id: str, token: int, used: int = 0, **fields: Any) -> dict[str, Any]:
+    def finish(self, request_id: str, token: int, used: int = 0, owner: str | None = None,
+               **fields: Any) -> dict[str, Any]:
         """End an attempt: give the slot back and set its outcome (phase etc. in ``fields``)."""
         with self.tx(hot=True) as conn:
-            [rows] = self._batch(conn, [_running(request_id, token)])
-            row, steps = _finish(rows, request_id, token, used, fields)
+            [rows] = self._batch(conn, [_running(request_id, token, owner)])
+            row, steps = _finish(rows, request_id, token, owner, used, fields)
             self._batch(conn, steps, commit=True)
             return row
 
-    def _hand_off(self, request_id: str, token: int, device: str, s: Settings, owner: str,
+    def _hand_off(self, request_id: str, token: int, owner: str | None, device: str, s: Settings, claimer: str,
                   ending: Mapping[str, Any], now: float) -> Pass | None:
-        """PostgreSQL: end the attempt with ``ending`` and claim the next request for ``owner`` in
-        one round trip, beside other hand-offs (``_HANDOFF_PICK``): the claimed row, or none if
+        """PostgreSQL: end the attempt with ``ending`` and claim the next request for ``claimer``
+        in one round trip, beside other hand-offs (``_HANDOFF_PICK``): the claimed row, or none if
         the queue ran dry; None with nothing written (no such pick, the lease lost, the request
         removed or paused, or its row held by another hand-off), for a pass to decide."""
-        _, params = _renew(request_id, token, ending)
+        _, params = _renew(request_id, token, owner, ending)
         steps = json.dumps({app: 1.0 / w for app, w in sorted(s.weights.items())})
         with self.tx(hot=True) as conn:
-            _, [row], *_ = self._batch(conn, [(_DEVICE_SHARED, {"device": device}), (_handoff(tuple(ending)), {
-                **params, "device": device, "now": now, "owner": owner, "expires": now + s.lease_seconds,
-                "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps}),
-                (_COMMIT_SO_FAR, {}), (_ARRIVED_DRY, {"device": device})], commit=True)
+            _, [row] = self._batch(conn, [(_DEVICE_SHARED, {"device": device}), (_handoff(tuple(ending)), {
+                **params, "device": device, "now": now, "claimer": claimer, "expires": now + s.lease_seconds,
+                "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps})],
+                commit=True)
+            if row.dry is not None:  # (its own transaction: the connection is in autocommit)
+                self._batch(conn, [(_ARRIVED, {"device": device, "arrivals": row.dry})])
         if row.id is None:
-            return Pass([], None) if row.dry else None
+            return Pass([], None) if row.dry is not None else None
         claimed = row._asdict()
         del claimed["dry"]
         return Pass([], {**claimed, "conditions": _conditions(claimed["conditions"], now)})
 
     def finish_and_pass(self, request_id: str, token: int, device: str, s: Settings, claim_as: str | None,
-                        used: int = 0, **fields: Any) -> Pass:
+                        used: int = 0, owner: str | None = None, **fields: Any) -> Pass:
         """``finish``, then the admission pass for the slot it frees on ``device`` (the request's);
         with ``claim_as`` the first request admitted is claimed for that owner, who runs it next.
 
@@ -1083,27 +1083,33 @@ class Store:
             if claim_as is not None and fields.get("phase") == "done" and self.dialect == "postgresql" \
                     and not s.quotas:
                 try:
-                    handed = self._hand_off(request_id, token, device, s, claim_as, ending, now)
+                    handed = self._hand_off(request_id, token, owner, device, s, claim_as, ending, now)
                 except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                     handed = None  # (rolled back before its commit: nothing written) the pass decides
                 if handed is not None:
                     return handed
             with self.tx(hot=True) as conn:
-                done = self._pass(conn, device, s, now, claim_as, ending=_renew(request_id, token, ending, plain=True))
+                done = self._pass(conn, device, s, now, claim_as,
+                                  ending=_renew(request_id, token, owner, ending, plain=True))
             if done is not None:
                 return done
-        self.finish(request_id, token, used, **fields)
+        self.finish(request_id, token, used, owner, **fields)
         with self.tx(hot=True) as conn:
             return self._pass(conn, device, s, now, claim_as)  # type: ignore[return-value]
 
 
 # An attempt's statements, fenced by its token.
-_FENCE = "id = :rid AND lease_token = :token"
+_FENCE = "id = :rid AND lease_token = :token"  # a claim's: the token its admission gave
+# A claimed attempt's: its token, and its owner when given (the worker's always is). A claim lost
+# with a server crash leaves its token to be given out again by a later pass (_NO_FLUSH_WAIT), but
+# not its owner: a worker runs one attempt at a time in each process (and thread), so the owner
+# tells the first holder from the next.
+_HELD_BY = f"{_FENCE} AND (lease_owner = :owner OR :owner IS NULL)"
 _CLAIM = sa.text(
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, lease_owner = :owner, "
     f"lease_expires = :expires, attempts = attempts + 1, updated_at = :now WHERE {_FENCE} AND phase = 'admitted' "
     "RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = bgt_requests.device) AS conditions")
-_RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_FENCE} AND phase = 'running'")
+_RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_HELD_BY} AND phase = 'running'")
 _DELETE = sa.text("DELETE FROM bgt_requests WHERE id = :rid")
 _RUNNING_COUNTS = sa.text(
     "SELECT (SELECT count(*) FROM bgt_requests WHERE device = :device AND phase = 'running'),"
@@ -1127,7 +1133,7 @@ def _renewal(names: tuple[str, ...], plain: bool, guard: str = "") -> sa.TextCla
     """The fenced UPDATE of a running attempt's row that sets the columns ``names``; only if the
     app has neither removed nor paused it, when ``plain``, and if the condition ``guard`` holds."""
     return sa.text(f"UPDATE bgt_requests SET {', '.join(f'{n} = :set_{n}' for n in names)} "
-                   f"WHERE {_FENCE} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''}"
+                   f"WHERE {_HELD_BY} AND phase = 'running'{' AND NOT removed AND control IS NULL' if plain else ''}"
                    f"{f' AND {guard}' if guard else ''} RETURNING control, device, app_id")
 
 
@@ -1161,12 +1167,12 @@ def _new_row(row: Mapping[str, Any], d: policy.Decision, version: int, now: floa
             "created_at": now, "updated_at": now, **_verdict_values(d, version, now)}
 
 
-def _running(request_id: str, token: int) -> Step:
-    """Read an attempt's row if ``token`` still holds it running."""
-    return _RUNNING, {"rid": request_id, "token": token}
+def _running(request_id: str, token: int, owner: str | None) -> Step:
+    """Read an attempt's row if ``token`` (and ``owner``) still hold it running."""
+    return _RUNNING, {"rid": request_id, "token": token, "owner": owner}
 
 
-def _finish(rows: list[Any], request_id: str, token: int, used: int,
+def _finish(rows: list[Any], request_id: str, token: int, owner: str | None, used: int,
             fields: dict[str, Any]) -> tuple[dict[str, Any], list[Step]]:
     """From the attempt's row as ``_running`` read it (none: the lease is lost), the row as the
     attempt ends it, and the steps that end it: the bytes used counted, the row deleted (the app
@@ -1182,7 +1188,7 @@ def _finish(rows: list[Any], request_id: str, token: int, used: int,
     if row["control"] == "pause" and fields.get("phase") != "done":
         values.update(phase="paused", status=TransferStatus.PAUSED.value,
                       wait_reason="paused by the app", control=None)
-    steps.append(_renew(request_id, token, values))
+    steps.append(_renew(request_id, token, owner, values))
     return {**row, **values}, steps
 
 
@@ -1194,12 +1200,12 @@ def _ending(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
     return values
 
 
-def _renew(request_id: str, token: int, values: Mapping[str, Any], plain: bool = False) -> Step:
-    """Set ``values`` on a running attempt's row if ``token`` still holds it (and, when ``plain``,
-    the app has neither removed nor paused it), returning its control, device and app; no row
-    if not."""
+def _renew(request_id: str, token: int, owner: str | None, values: Mapping[str, Any], plain: bool = False) -> Step:
+    """Set ``values`` on a running attempt's row if ``token`` (and ``owner``) still hold it (and,
+    when ``plain``, the app has neither removed nor paused it), returning its control, device and
+    app; no row if not."""
     params = {f"set_{k}": v for k, v in values.items()}
-    return _renewal(tuple(values), plain), {"rid": request_id, "token": token, **params}
+    return _renewal(tuple(values), plain), {"rid": request_id, "token": token, "owner": owner, **params}
 
 
 def _used(device: str, app_id: str, now: float, n: int) -> Step:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +30,8 @@ class StoreLease:
     """The engine's Lease, fenced by (request id, token) in the store; counts bytes as they move,
     so throughput shows while a long transfer runs, not only when it ends."""
 
-    def __init__(self, store: Store, row: dict[str, Any], token: int, s: Settings) -> None:
-        self.store, self.request_id, self.token, self.s = store, row["id"], token, s
+    def __init__(self, store: Store, row: dict[str, Any], token: int, owner: str, s: Settings) -> None:
+        self.store, self.request_id, self.token, self.owner, self.s = store, row["id"], token, owner, s
         self.device, self.app_id = row["device"], row["app_id"]
         self.bytes = _metrics.BYTES.labels(row["device"], row["app_id"], row["direction"])
         self.counted = 0
@@ -47,7 +48,7 @@ class StoreLease:
 
     def renew(self, moved: int, **fields: Any) -> str | None:
         used = self.count(moved)
-        control = self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, used, **fields)
+        control = self.store.heartbeat(self.request_id, self.token, self.s.lease_seconds, used, self.owner, **fields)
         self.rate = self._share()
         return control
 
@@ -60,6 +61,13 @@ class StoreLease:
         if not (s.max_rate_per_app or s.max_rate_per_device):
             return s.max_rate_per_transfer  # no count needed
         return policy.rate_share(s, *self.store.running(self.device, self.app_id))
+
+
+def attempt_owner() -> str:
+    """Who runs an attempt: this host, process and (beside the main one) thread, which runs one
+    attempt at a time; what a lease is fenced by, with its token (the store's ``_HELD_BY``)."""
+    thread = "" if threading.current_thread() is threading.main_thread() else f":{threading.get_ident()}"
+    return f"{socket.gethostname()}:{os.getpid()}{thread}"
 
 
 def job_from_row(row: dict[str, Any]) -> engine.Job:
@@ -91,7 +99,7 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int, refreshe
     """Claim the request with ``token`` (unless ``row`` is one already claimed) and run one
     attempt; None if the wake-up was stale. With ``claim_next``, the pass that ends it claims
     the next admitted request for this process too (``Attempt.after.claimed``)."""
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    owner = attempt_owner()
     row = row or store.claim(request_id, token, owner, s)
     if row is None:
         return None
@@ -101,7 +109,7 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int, refreshe
         min_rate=policy.min_rate(cond, s), window=s.min_rate_window,
     )
     job = job_from_row(row)
-    lease = StoreLease(store, row, token, s)
+    lease = StoreLease(store, row, token, owner, s)
     started = time.monotonic()
     expires = row["url_expires"]
     try:
@@ -125,7 +133,7 @@ def run_attempt(store: Store, s: Settings, request_id: str, token: int, refreshe
         # before the outcome is visible: no one may see a failed request with its partial file
         delete_partial(s, job.app_id, job.parts, request_id)
     try:
-        after = record_outcome(store, s, row, token, out, kind, error, used, changes, owner if claim_next else None)
+        after = record_outcome(store, s, row, token, out, kind, error, used, changes, owner, claim_next)
     except LeaseLost:
         log.info("request %s: lease lost, outcome %s dropped", request_id, out.kind)
         return Attempt(out, None)
@@ -162,11 +170,12 @@ def refresh(row: dict[str, Any], s: Settings, refresher: Refresher | None) -> tu
 
 def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, out: engine.Outcome,
                    kind: str, error: str | None, used: int = 0, changes: dict[str, Any] | None = None,
-                   claim_as: str | None = None) -> Pass | None:
+                   owner: str | None = None, claim_next: bool = False) -> Pass | None:
     """Turn an attempt's outcome (taken as ``kind``) into the request's next state, give the slot
     back, record the ``used`` bytes not yet counted against the app's quota, apply ``changes``
     (a refreshed URL), and run the admission pass for the freed slot, all in one transaction;
-    that pass, or None for a lost lease (nothing to give back)."""
+    that pass, or None for a lost lease (nothing to give back). The attempt is ``owner``'s, who
+    runs the next request the pass admits with ``claim_next``."""
     if kind == "lost":
         raise LeaseLost(row["id"])
     now = time.time()
@@ -196,6 +205,7 @@ def record_outcome(store: Store, s: Settings, row: dict[str, Any], token: int, o
     elif kind == "paused":
         fields.update(phase="paused", status=TransferStatus.PAUSED.value, wait_reason=error, control=None)
     # "cancelled": the row is marked removed; finish() deletes it
-    after = store.finish_and_pass(row["id"], token, row["device"], s, claim_as, used, **fields)
+    after = store.finish_and_pass(row["id"], token, row["device"], s, owner if claim_next else None, used, owner,
+                                  **fields)
     log.info("request %s: %s%s", row["id"], kind, f" ({error})" if error else "")
     return after

@@ -365,7 +365,7 @@ def test_a_hand_off_does_not_wait_for_its_attempts_row_held_elsewhere(env) -> No
         outcome: list[object] = []
         now = time.time()
         handing = threading.Thread(target=lambda: outcome.append(store._hand_off(
-            rid, token, dep.device, s, "w", {"phase": "done", "status": "COMPLETED", "updated_at": now}, now)))
+            rid, token, "w", dep.device, s, "w", {"phase": "done", "status": "COMPLETED", "updated_at": now}, now)))
         handing.start()
         handing.join(10)
         assert not handing.is_alive() and outcome == [None]
@@ -437,11 +437,11 @@ def test_an_attempt_that_ends_on_a_dry_queue_frees_its_slot_and_wakes_the_worker
         wakeups.close()
 
 
-def test_a_pass_that_ends_an_attempt_and_claims_the_next_is_durable_when_it_returns(env) -> None:
-    """PostgreSQL: a plain pass commits without waiting for the WAL flush, but one that records an
-    attempt's outcome and claims the next request for its caller returns only when the log is
-    flushed past what it wrote to both rows (each row's page says how far the log must reach for
-    it), so a server crash after could undo neither (the worker moves bytes at once)."""
+def test_an_add_and_a_dispatched_claim_are_durable_when_they_return(env) -> None:
+    """PostgreSQL: passes and hand-offs commit without waiting for the WAL flush, but an add
+    returns only when the log is flushed past the row it wrote (its page says how far the log
+    must reach for it), so a server crash after cannot lose an accepted request; and so does the
+    claim of a dispatched request, which the wake-up's token alone fences."""
     store, s, dep = env
     if store.dialect == "sqlite":
         pytest.skip("SQLite: every commit is the database file's own")
@@ -452,18 +452,48 @@ def test_a_pass_that_ends_an_attempt_and_claims_the_next_is_durable_when_it_retu
             pg.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
         except psycopg.Error as exc:
             pytest.skip(f"PostgreSQL's pageinspect extension is not available: {exc}")
+
+        def flushed(rid: str) -> tuple[str, bool]:
+            return pg.execute(
+                "SELECT r.phase, pg_current_wal_flush_lsn() >= h.lsn FROM bgt_requests r, page_header(get_raw_page("
+                "'bgt_requests', (r.ctid::text::point)[0]::int)) h WHERE r.id = %s", (rid,)).fetchone()
+
         store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
-        s = dataclasses.replace(s, max_concurrent_per_device=1)
-        add(store, s, "a", 2, dep.device)
-        [(rid, token)] = store.promote(dep.device, s)
-        running = store.claim(rid, token, "w", s)
-        after = store.finish_and_pass(rid, running["lease_token"], dep.device, s, "w", phase="done",
-                                      status="COMPLETED")
-        flushed = pg.execute(
-            "SELECT r.phase, pg_current_wal_flush_lsn() >= h.lsn FROM bgt_requests r, page_header(get_raw_page("
-            "'bgt_requests', (r.ctid::text::point)[0]::int)) h WHERE r.id = ANY(%s) ORDER BY r.phase",
-            ([rid, after.claimed["id"]],)).fetchall()
-    assert flushed == [("done", True), ("running", True)]
+        (rid,) = add(store, s, "a", 1, dep.device)
+        assert flushed(rid) == ("queued", True)
+        [(_, token)] = store.promote(dep.device, s)
+        store.claim(rid, token, "w", s)
+        assert flushed(rid) == ("running", True)
+
+
+def test_a_claim_that_a_server_crash_lost_is_fenced_out_by_its_owner(env) -> None:
+    """A hand-off's commit does not wait for the WAL flush, so a server crash can lose its claim
+    while its worker runs the request; a later pass then gives the same token out again, but the
+    next claim's owner differs, and the first holder can no longer write (PostgreSQL; the fence
+    is the same on SQLite, where the loss is made the same way)."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=1)
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    first, nxt = add(store, s, "a", 2, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(first, token, "w1", s)
+    after = store.finish_and_pass(first, token, dep.device, s, "w1", owner="w1", phase="done", status="COMPLETED")
+    assert after.claimed is not None and after.claimed["id"] == nxt
+    lost = after.claimed["lease_token"]
+    with store.tx() as conn:  # the crash: the claim's commit never reached the disk
+        conn.execute(sa.text("UPDATE bgt_requests SET phase = 'queued', status = 'WAITING', lease_token = :t - 1, "
+                             "lease_owner = NULL, lease_expires = NULL, attempts = attempts - 1 WHERE id = :id"),
+                     {"t": lost, "id": nxt})
+    assert store.promote(dep.device, s) == [(nxt, lost)]  # the same token, given out again
+    assert store.claim(nxt, lost, "w2", s) is not None
+    with pytest.raises(LeaseLost):
+        store.heartbeat(nxt, lost, 5, owner="w1", bytes_received=1)
+    with pytest.raises(LeaseLost):
+        store.finish_and_pass(nxt, lost, dep.device, s, "w1", owner="w1", phase="done", status="COMPLETED")
+    assert store.get(nxt)["phase"] == "running" and store.get(nxt)["bytes_received"] == 0
+    assert store.heartbeat(nxt, lost, 5, owner="w2", bytes_received=7) is None
+    store.finish_and_pass(nxt, lost, dep.device, s, "w2", owner="w2", phase="done", status="COMPLETED")
+    assert store.get(nxt)["phase"] == "done" and store.get(nxt)["bytes_received"] == 7
 
 
 def test_conditions_decide_and_persist(env) -> None:
