@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import decimal
 import fcntl
 import functools
 import hashlib
@@ -34,6 +33,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from psycopg import pq
+from psycopg.adapt import Transformer
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -978,10 +978,11 @@ class Store:
             del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
             raise
         known.update(new)
+        loader = _LOADERS.get(raw) or _LOADERS.setdefault(raw, Transformer(raw))
         out: list[list[Any]] = [[] for _ in steps]
         for (_, step), res in zip(sent, results, strict=False):
             if step is not None and res.status == pq.ExecStatus.TUPLES_OK:
-                out[step] = _pg_rows(res, encoding)
+                out[step] = _pg_rows(res, loader, encoding)
         return out
 
     def _decide(self, conn: Connection, device: str, cond: policy.Conditions, version: int, s: Settings,
@@ -1229,6 +1230,7 @@ def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
 
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # per connection: names
+_LOADERS: weakref.WeakKeyDictionary[Any, Transformer] = weakref.WeakKeyDictionary()  # per connection
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?![:\w])")  # a text statement's :name parameters
 
 
@@ -1318,29 +1320,17 @@ def _error_class(state: str) -> type[psycopg.Error]:
     return psycopg.DatabaseError
 
 
-_DECODE: dict[int, Callable[[bytes], Any]] = {  # a text-format value by its type's OID (others: a string)
-    16: lambda v: v == b"t", 20: int, 21: int, 23: int, 700: float, 701: float,
-    1700: lambda v: decimal.Decimal(v.decode()), 114: json.loads, 3802: json.loads, 2278: lambda _v: None}
+def _pg_rows(res: pq.abc.PGresult, loader: Transformer, encoding: str) -> list[Any]:
+    """A result's rows as named tuples, each value in its Python type (JSON decoded) by the
+    connection's psycopg ``loader``, in C, without a cursor; a named tuple class is kept per set
+    of columns (a statement's depend on the database: ``*``)."""
+    loader.set_pgresult(res)
+    return loader.load_rows(0, res.ntuples, _pg_row_maker(tuple(res.fname(i) for i in range(res.nfields)), encoding))
 
 
-_Shape = tuple[Callable[..., Any], list[Callable[[bytes], Any]]]  # a row maker and a decoder per column
-_SHAPES: dict[tuple[str, tuple[bytes, ...], tuple[int, ...]], _Shape] = {}
-
-
-def _pg_rows(res: pq.abc.PGresult, encoding: str) -> list[Any]:
-    """A result's rows as named tuples, each value in its Python type (JSON decoded); how to
-    make them is kept per set of columns (a statement's depend on the database: ``*``)."""
-    n = res.nfields
-    key = encoding, tuple(res.fname(i) for i in range(n)), tuple(res.ftype(i) for i in range(n))
-    shape = _SHAPES.get(key)
-    if shape is None:
-        text = functools.partial(bytes.decode, encoding=encoding)
-        shape = _SHAPES[key] = (_row_class(tuple(f.decode(encoding) for f in key[1]))._make,
-                                [_DECODE.get(t, text) for t in key[2]])
-    make, decoders = shape
-    columns = list(enumerate(decoders))
-    return [make([None if (v := res.get_value(r, i)) is None else decode(v) for i, decode in columns])
-            for r in range(res.ntuples)]
+@functools.cache
+def _pg_row_maker(names: tuple[bytes, ...], encoding: str) -> Callable[[Any], Any]:
+    return _row_class(tuple(n.decode(encoding) for n in names))._make
 
 
 def _rows(cur: Any) -> list[Any]:
