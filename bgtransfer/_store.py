@@ -6,8 +6,9 @@ instead of failing) and on PostgreSQL (the device row ``SELECT ... FOR UPDATE`` 
 admission per device across hosts).
 
 A slot is a lease on a request row: ``phase`` in (admitted, running) with ``lease_expires``
-in the future. ``lease_token`` is a fencing token: it grows at every admission and every
-write by an attempt carries it, so a stale attempt can never write.
+in the future. ``lease_token`` is a fencing token: it grows at every admission, and every
+write by an attempt carries it with the attempt's owner (``_HELD_BY``), so a stale attempt can
+never write, even after a server crash that lost its claim (``_NO_FLUSH_WAIT``).
 """
 
 from __future__ import annotations
