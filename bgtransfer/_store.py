@@ -271,6 +271,7 @@ _WAKE = sa.text(  # an add's last read: the device's row, and its workers woken 
 _ARRIVALS_SHARED = "SELECT next_seq FROM bgt_queues WHERE device = :device FOR SHARE"  # waits for adds under way
 _ARRIVED = sa.text(  # after a pass (or hand-off) that left a slot free: wake the workers if an add came since its read
     f"WITH q AS ({_ARRIVALS_SHARED}) SELECT pg_notify('bgtransfer', :device) FROM q WHERE next_seq <> :arrivals")
+_UNFLUSHED = sa.text(f"SELECT {_NO_FLUSH_WAIT}")  # (_ARRIVED's row lock needs no flush either)
 _CLAIMED_AT_ONCE = (  # admitted and claimed at once, by the process that will run it
     "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, "
     "lease_token = lease_token + 1, lease_owner = :claimer, lease_expires = :expires, attempts = attempts + 1, "
@@ -910,7 +911,7 @@ class Store:
         them, the workers are woken for a pass that sees the add."""
         if free <= 0 or self.dialect != "postgresql":
             return []  # (SQLite: an add runs its own pass, in turn with every other writer)
-        return [(_COMMIT_SO_FAR, {}), (_ARRIVED, {"device": device, "arrivals": tally.arrivals})]  # (see _enqueue)
+        return [(_COMMIT_SO_FAR, {}), *_arrived(device, tally.arrivals)]  # (see _enqueue)
 
     def _refresh(self, conn: Connection, device: str, s: Settings, now: float, dev: Any) -> int:
         """What an admission pass does before it can admit, when there is something to do: note
@@ -979,7 +980,7 @@ class Store:
             del _PREPARED[raw]  # which of its PREPAREs ran is unknown now
             raise
         known.update(new)
-        loader = _LOADERS.get(raw) or _LOADERS.setdefault(raw, Transformer(raw))
+        loader = Transformer(raw)  # (one kept per connection would hold it: it refers to it)
         out: list[list[Any]] = [[] for _ in steps]
         for (_, step), res in zip(sent, results, strict=False):
             if step is not None and res.status == pq.ExecStatus.TUPLES_OK:
@@ -1061,8 +1062,13 @@ class Store:
                 **params, "device": device, "now": now, "claimer": claimer, "expires": now + s.lease_seconds,
                 "cap": s.max_concurrent_per_device, "window": _NEXT_UP_WINDOW, "apps": 1, "steps": steps})],
                 commit=True)
-            if row.dry is not None:  # (its own transaction: the connection is in autocommit)
-                self._batch(conn, [(_ARRIVED, {"device": device, "arrivals": row.dry})])
+            if row.dry is not None:  # the attempt has ended (committed): a failure here is the sweep's to make up
+                conn.info[_BEGIN] = True
+                try:
+                    self._batch(conn, _arrived(device, row.dry), commit=True)
+                except psycopg.Error:
+                    log.warning("device %s: the recheck after a hand-off failed; the periodic pass admits what it"
+                                " missed", device, exc_info=True)
         if row.id is None:
             return Pass([], None) if row.dry is not None else None
         claimed = row._asdict()
@@ -1169,6 +1175,12 @@ def _new_row(row: Mapping[str, Any], d: policy.Decision, version: int, now: floa
             "created_at": now, "updated_at": now, **_verdict_values(d, version, now)}
 
 
+def _arrived(device: str, arrivals: int) -> list[Step]:
+    """A transaction of its own that wakes the device's workers if an add came since ``arrivals``
+    were read (``_ARRIVED``), waiting for adds under way; its commit does not wait for the flush."""
+    return [(_UNFLUSHED, {}), (_ARRIVED, {"device": device, "arrivals": arrivals})]
+
+
 def _running(request_id: str, token: int, owner: str | None) -> Step:
     """Read an attempt's row if ``token`` (and ``owner``) still hold it running."""
     return _RUNNING, {"rid": request_id, "token": token, "owner": owner}
@@ -1231,7 +1243,6 @@ def _left_foreground(stored: Mapping[str, Any], now: float) -> bool:
 
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()  # per connection: names
-_LOADERS: weakref.WeakKeyDictionary[Any, Transformer] = weakref.WeakKeyDictionary()  # per connection
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?![:\w])")  # a text statement's :name parameters
 
 
@@ -1323,8 +1334,8 @@ def _error_class(state: str) -> type[psycopg.Error]:
 
 def _pg_rows(res: pq.abc.PGresult, loader: Transformer, encoding: str) -> list[Any]:
     """A result's rows as named tuples, each value in its Python type (JSON decoded) by the
-    connection's psycopg ``loader``, in C, without a cursor; a named tuple class is kept per set
-    of columns (a statement's depend on the database: ``*``)."""
+    connection's psycopg ``loader``, in C, without a cursor (``_exchange``); a named tuple class is
+    kept per set of columns (a statement's depend on the database: ``*``)."""
     loader.set_pgresult(res)
     return loader.load_rows(0, res.ntuples, _pg_row_maker(tuple(res.fname(i) for i in range(res.nfields)), encoding))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -63,11 +64,18 @@ class StoreLease:
         return policy.rate_share(s, *self.store.running(self.device, self.app_id))
 
 
+_processes: dict[int, str] = {}  # pid -> this process's part of an owner (a forked child makes its own)
+
+
 def attempt_owner() -> str:
     """Who runs an attempt: this host, process and (beside the main one) thread, which runs one
-    attempt at a time; what a lease is fenced by, with its token (the store's ``_HELD_BY``)."""
+    attempt at a time; what a lease is fenced by, with its token (the store's ``_HELD_BY``). A
+    random part per process keeps two hosts that share a name (containers) apart."""
+    pid = os.getpid()
+    if pid not in _processes:
+        _processes[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
     thread = "" if threading.current_thread() is threading.main_thread() else f":{threading.get_ident()}"
-    return f"{socket.gethostname()}:{os.getpid()}{thread}"
+    return _processes[pid] + thread
 
 
 def job_from_row(row: dict[str, Any]) -> engine.Job:

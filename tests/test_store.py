@@ -376,6 +376,28 @@ def test_a_hand_off_does_not_wait_for_its_attempts_row_held_elsewhere(env) -> No
     assert after.claimed is not None and store.get(rid)["phase"] == "done"
 
 
+def test_a_recheck_that_fails_after_a_dry_hand_off_leaves_the_attempt_ended(env, monkeypatch) -> None:
+    """PostgreSQL: the recheck after a hand-off that found the queue dry runs after the attempt's
+    end has committed; if it fails, the attempt is still ended (its slot free), and the failure is
+    the periodic pass's to make up, not the attempt's."""
+    store, s, dep = env
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
+    from bgtransfer import _store
+
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    monkeypatch.setattr(_store, "_arrived", lambda device, arrivals: [(sa.text("SELECT 1 / 0"), {})])
+    after = store.finish_and_pass(rid, token, dep.device, s, "w", owner="w", phase="done", status="COMPLETED")
+    assert after.claimed is None and after.picks == []
+    assert store.get(rid)["phase"] == "done"
+    with store.tx() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM bgt_requests WHERE {_HELD}"),
+                            {"device": dep.device}).scalar() == 0
+
+
 def test_a_hand_off_that_the_server_aborts_leaves_the_end_to_the_pass(env, monkeypatch) -> None:
     """PostgreSQL: a hand-off aborted by the server (a deadlock, a serialization failure) wrote
     nothing; the attempt's end then runs as a pass, which ends it and claims the next request."""
