@@ -376,19 +376,26 @@ def test_a_hand_off_does_not_wait_for_its_attempts_row_held_elsewhere(env) -> No
     assert after.claimed is not None and store.get(rid)["phase"] == "done"
 
 
+def alone_and_running(store: Store, s: Settings, dep: Deployment) -> tuple[str, int]:
+    """PostgreSQL (a skip on SQLite, where an add runs its own pass, in turn with every other
+    writer): the device's only request, claimed by "w"; its id and token."""
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
+    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
+    (rid,) = add(store, s, "a", 1, dep.device)
+    [(_, token)] = store.promote(dep.device, s)
+    store.claim(rid, token, "w", s)
+    return rid, token
+
+
 def test_a_recheck_that_fails_after_a_dry_hand_off_leaves_the_attempt_ended(env, monkeypatch) -> None:
     """PostgreSQL: the recheck after a hand-off that found the queue dry runs after the attempt's
     end has committed; if it fails, the attempt is still ended (its slot free), and the failure is
     the periodic pass's to make up, not the attempt's."""
     store, s, dep = env
-    if store.dialect == "sqlite":
-        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
     from bgtransfer import _store
 
-    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
-    (rid,) = add(store, s, "a", 1, dep.device)
-    [(_, token)] = store.promote(dep.device, s)
-    store.claim(rid, token, "w", s)
+    rid, token = alone_and_running(store, s, dep)
     monkeypatch.setattr(_store, "_arrived", lambda device, arrivals: [(sa.text("SELECT 1 / 0"), {})])
     after = store.finish_and_pass(rid, token, dep.device, s, "w", owner="w", phase="done", status="COMPLETED")
     assert after.claimed is None and after.picks == []
@@ -425,14 +432,9 @@ def test_an_attempt_that_ends_on_a_dry_queue_frees_its_slot_and_wakes_the_worker
     frees its slot; an add under way then (holding the queue row, having read the slot held) is
     waited for after the commit and wakes the workers, as after a pass that leaves a slot free."""
     store, s, dep = env
-    if store.dialect == "sqlite":
-        pytest.skip("SQLite: an add runs its own pass, in turn with every other writer")
     import psycopg
 
-    store.set_conditions(dep.device, {"network": "wifi", "power": "external"})
-    (rid,) = add(store, s, "a", 1, dep.device)
-    [(_, token)] = store.promote(dep.device, s)
-    store.claim(rid, token, "w", s)
+    rid, token = alone_and_running(store, s, dep)
     wakeups, stopping = store.wakeups(dep.device), threading.Event()
     adding = psycopg.connect(s.store_url, autocommit=False)
     try:
