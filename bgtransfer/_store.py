@@ -1008,7 +1008,7 @@ class Store:
         with its device's current ``conditions``, read in the same transaction."""
         now = time.time()
         with self.tx(hot=True) as conn:
-            [claimed] = self._batch(conn, [(_CLAIM, {"rid": request_id, "token": token, "owner": owner,
+            [claimed] = self._batch(conn, [(_CLAIM, {"rid": request_id, "token": token, "claimer": owner,
                                                      "expires": now + s.lease_seconds, "now": now})], commit=True)
             if not claimed:
                 return None
@@ -1106,7 +1106,7 @@ class Store:
             return self._pass(conn, device, s, now, claim_as)  # type: ignore[return-value]
 
 
-# An attempt's statements, fenced by its token.
+# An attempt's statements, fenced by its token (a claim) or by its token and owner (all it writes after).
 _FENCE = "id = :rid AND lease_token = :token"  # a claim's: the token its admission gave
 # A claimed attempt's: its token, and its owner when given (the worker's always is). A claim lost
 # with a server crash leaves its token to be given out again by a later pass (_NO_FLUSH_WAIT), but
@@ -1114,7 +1114,7 @@ _FENCE = "id = :rid AND lease_token = :token"  # a claim's: the token its admiss
 # tells the first holder from the next.
 _HELD_BY = f"{_FENCE} AND (lease_owner = :owner OR :owner IS NULL)"
 _CLAIM = sa.text(
-    "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, lease_owner = :owner, "
+    "UPDATE bgt_requests SET phase = 'running', status = 'TRANSFERRING', wait_reason = NULL, lease_owner = :claimer, "
     f"lease_expires = :expires, attempts = attempts + 1, updated_at = :now WHERE {_FENCE} AND phase = 'admitted' "
     "RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = bgt_requests.device) AS conditions")
 _RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_HELD_BY} AND phase = 'running'")

@@ -28,7 +28,7 @@ log = logging.getLogger("bgtransfer.worker")
 
 
 class StoreLease:
-    """The engine's Lease, fenced by (request id, token) in the store; counts bytes as they move,
+    """The engine's Lease, fenced by (request id, token, owner) in the store; counts bytes as they move,
     so throughput shows while a long transfer runs, not only when it ends."""
 
     def __init__(self, store: Store, row: dict[str, Any], token: int, owner: str, s: Settings) -> None:
