@@ -8,7 +8,7 @@ Downloads go to a hidden partial file beside the target and are renamed into pla
 when complete and verified. A resume sends ``Range`` with ``If-Range`` on the validator
 recorded with the bytes held, so two versions of a file are never joined. The sha256, when
 asked for, is computed by a thread that reads the partial file behind the writer, off the
-write path.
+write path. The body is written in blocks of WRITE_BLOCK, not piece by piece.
 
 Uploads stream from the sandbox file. A server that speaks tus 1.0 (asked with OPTIONS when
 ``resumable_uploads`` is on) keeps what it received: the upload's URL is stored before its first
@@ -46,6 +46,13 @@ from ._settings import Settings
 # requeue: back to admission at once (the size learnt does not fit the current conditions)
 Kind = Literal["completed", "failed", "retry", "slow", "requeue", "paused", "cancelled", "lost", "refresh"]
 CHUNK = 1024 * 1024
+# libcurl hands the write callback at most 16 KiB at a time (CURL_MAX_WRITE_SIZE), whatever
+# BUFFERSIZE says. A download keeps the pieces and writes them in one pwritev once this many bytes
+# are pending: 1.5 to 1.7 times the throughput of a write per piece on this kind of machine. Larger
+# writes, and writes aligned to their size, were slower here (ext4 then takes larger page-cache
+# folios, which a VM that hands free memory back to its host must fault in again).
+WRITE_BLOCK = 128 * 1024
+_IOV_MOST = 64  # more pending pieces than this (a server's tiny chunks) are joined first
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 TUS = "1.0.0"
 # headers each tus request sets itself: an app's own would contradict them (its Content-Type
@@ -398,6 +405,8 @@ class _Download:
             held = 0
         self.held = held  # bytes on disk before this attempt
         self.offset = self.pos = held  # where this response's body starts / has reached
+        self.written = held  # bytes in the file: the pieces received since are pending
+        self.pending: list[bytes] = []
         self.total: int | None = None
         self.validator = job.validator
         self.degraded: list[str] = []
@@ -454,7 +463,7 @@ class _Download:
                 att.stop("retry", f"state store unreachable: {exc}")
                 return False
         self._start_hasher()
-        os.lseek(self.fd, self.offset, os.SEEK_SET)
+        self.written = self.offset
         return True
 
     def _start_hasher(self) -> None:
@@ -465,31 +474,44 @@ class _Download:
             self.hash_at = self.offset + CHUNK
 
     def write(self, chunk: bytes) -> int | None:
-        """pycurl's write callback: the hot path, kept to a write and a counter."""
+        """pycurl's write callback: the hot path, kept to a list append and a counter."""
         if not self.writing:
             if self.writing is None:
                 self.writing = self._start()
             if not self.writing:
                 return 0 if self.att.abort else None
-        fd = self.fd
-        try:
-            n = os.write(fd, chunk)
-            while n < len(chunk):  # a short write only happens near a full disk
-                n += os.write(fd, chunk[n:])
-        except OSError as exc:  # a full disk: keep what was written, try again later
-            self.att.stop("retry", f"local file error: {exc.strerror}")
+        self.pending.append(chunk)
+        self.pos += len(chunk)
+        if self.pos - self.written >= WRITE_BLOCK and not self._flush():
             return 0
-        self.pos += n
         if self.att.rate:
-            self.att.throttle(n)
+            self.att.throttle(len(chunk))
         if self.pos > self.cap:  # rule 9 on the stream itself, for servers that sent no length
             self.att.stop("requeue", f"more than {self.cap} bytes: too large for the current conditions")
             return 0
-        if self.pos >= self.hash_at:  # wake the hasher per MiB, not per 16 KiB chunk
-            self.hash_at = self.pos + CHUNK
-            self.hasher.written = self.pos  # type: ignore[union-attr]
-            self.hasher.wake.set()  # type: ignore[union-attr]
         return None
+
+    def _flush(self) -> bool:
+        """Write the pending pieces. False, with the attempt stopped, on a local file error (a
+        full disk): the bytes written stay, the rest are dropped."""
+        pieces = self.pending if len(self.pending) <= _IOV_MOST else [b"".join(self.pending)]
+        self.pending = []
+        try:
+            while self.written < self.pos:
+                n = os.pwritev(self.fd, pieces, self.written)
+                self.written += n
+                if self.written < self.pos:  # a short write: only near a full disk
+                    pieces = [b"".join(pieces)[n:]]
+        except OSError as exc:  # keep what was written, try again later
+            self.pos = self.written
+            if self.att.abort is None:  # (a pause or a cancel that came first still says why)
+                self.att.stop("retry", f"local file error: {exc.strerror}")
+            return False
+        if self.written >= self.hash_at:  # wake the hasher per MiB, not per block
+            self.hash_at = self.written + CHUNK
+            self.hasher.written = self.written  # type: ignore[union-attr]
+            self.hasher.wake.set()  # type: ignore[union-attr]
+        return True
 
     def _outcome(self, kind: Kind, error: str | None, code: int | None, **kw: Any) -> Outcome:
         if self.hasher is not None:
@@ -514,6 +536,8 @@ class _Download:
             self.moved = int(c.getinfo(pycurl.SIZE_DOWNLOAD_T))
         finally:
             c.reset()  # (this attempt's callbacks let go; the connection stays for the next)
+        if not self._flush() and err is None:
+            err = (pycurl.E_WRITE_ERROR, "")  # the attempt's stop says why
         if code == 416 and err is None:
             if self.resumable and self.held == job.known_total:  # already whole: nothing was missing
                 self.pos = self.total = self.held

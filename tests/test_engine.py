@@ -463,8 +463,14 @@ def test_guarded_socket_lets_allowed_destinations_through(server: FileServer, mo
     c.close()
 
 
-def test_disk_full_keeps_the_partial_file_and_resumes(deployment: Deployment, server: FileServer) -> None:
+@pytest.mark.parametrize("size,free", [(3_000_000, MiB), (100_000, 40_960)], ids=["mid-stream", "at-the-end"])
+def test_disk_full_keeps_the_partial_file_and_resumes(deployment: Deployment, server: FileServer, size: int,
+                                                      free: int) -> None:
+    """The disk fills while a block is written (mid-stream), or when the pieces still pending as
+    the response ends are: a body smaller than WRITE_BLOCK is written only then."""
     import subprocess
+
+    from bgtransfer._engine import WRITE_BLOCK
 
     full = deployment.sandbox("app") / "full"
     full.mkdir()
@@ -472,14 +478,16 @@ def test_disk_full_keeps_the_partial_file_and_resumes(deployment: Deployment, se
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root and mount rights")
     try:
-        data = os.urandom(3_000_000)
+        assert (size < WRITE_BLOCK) == (free < MiB)
+        (full / "filler").write_bytes(bytes(MiB - free))
+        data = os.urandom(size)
         server.put("/big.bin", data)
         deployment.worker(BGTRANSFER_RETRY_BASE_SECONDS="2")
         req = get(deployment, server, "/big.bin", "full/big.bin")
         seen_status(deployment, req, TransferStatus.WAITING, reason="No space left on device")
         part = next(p for p in full.iterdir() if p.name.endswith(".part"))
         held = part.stat().st_size
-        assert 0 < held < len(data)
+        assert 0 < held <= free < len(data)
         subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)
         ok(deployment, req, data, "full/big.bin")
         assert server.requests_for("/big.bin")[-1].range_start == held
