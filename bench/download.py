@@ -45,6 +45,14 @@ One large download (variants run interleaved, A B C ... A B C ..., ``--repeat`` 
     bare pycurl       the best plain pycurl script, in its own Python process (so it does not
                       share this process's GIL with the server thread): ``WRITEDATA`` = an open
                       file, ``BUFFERSIZE`` = 1 MiB, ``NOSIGNAL`` = 1; ``perform()`` is timed.
+                      libcurl hands its write callback (here the file's ``write``) at most 16 KiB
+                      at a time, whatever ``BUFFERSIZE`` says: one write(2) per 16 KiB.
+    pycurl 128K writes
+                      the same script with a ``WRITEFUNCTION`` that keeps libcurl's pieces and
+                      writes them with one ``os.writev`` once 128 KiB are pending (and the rest
+                      after ``perform()``, inside the timing): the write pattern bgtransfer
+                      uses, without the rest of bgtransfer. Informational: it shows how much of
+                      bgtransfer's lead over bare pycurl is that pattern.
     bgtransfer        end to end through a real worker (``python -m bgtransfer worker
                       --concurrency 2`` on the embedded defaults: filesystem broker and SQLite
                       under its own temporary data root, default progress interval): the time
@@ -108,6 +116,7 @@ Report
         bgtransfer+sha256 / bgtransfer = X.XX (informational)
         bgtransfer / aria2c = X.XX (informational)
         bgtransfer / aria2c -x4 = X.XX (informational)
+        bgtransfer / pycurl 128K writes = X.XX (informational)
 
     For the parallel downloads, the best and median aggregate throughput (N x size / seconds)
     of each side, and ``bgtransfer / curl --parallel = X.XX (informational)``; all ratios are
@@ -182,10 +191,10 @@ WARM_PATH = "/warm.bin"  # the 10 MB file, each response paused for a while afte
 WARM_STALL_SECONDS = 2.0
 LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 
-CURL, ARIA, ARIA4, PYCURL = "curl", "aria2c", "aria2c -x4", "bare pycurl"
+CURL, ARIA, ARIA4, PYCURL, PYCURL_BLOCKS = "curl", "aria2c", "aria2c -x4", "bare pycurl", "pycurl 128K writes"
 BGT, BGT_SHA = "bgtransfer", "bgtransfer+sha256"
 CURL_SHA, PYCURL_SHA = "curl+sha256sum", "bare pycurl+sha256"
-VARIANTS = (CURL, ARIA, ARIA4, PYCURL, BGT, CURL_SHA, PYCURL_SHA, BGT_SHA)
+VARIANTS = (CURL, ARIA, ARIA4, PYCURL, PYCURL_BLOCKS, BGT, CURL_SHA, PYCURL_SHA, BGT_SHA)
 ARIA_VARIANTS = {ARIA: 1, ARIA4: 4}  # variant -> aria2c -x/-s (connections for the one file)
 TARGETS = (  # (numerator, denominator, minimum ratio of best throughputs)
     (BGT, CURL, 1.2),
@@ -193,29 +202,43 @@ TARGETS = (  # (numerator, denominator, minimum ratio of best throughputs)
     (BGT_SHA, CURL_SHA, 1.2),
     (BGT_SHA, PYCURL_SHA, 0.9),
 )
-INFO_RATIOS = ((BGT_SHA, BGT), (BGT, ARIA), (BGT, ARIA4))  # printed, no target
+INFO_RATIOS = ((BGT_SHA, BGT), (BGT, ARIA), (BGT, ARIA4), (BGT, PYCURL_BLOCKS))  # printed, no target
 CURL_PAR, BGT_PAR = "curl --parallel", "bgtransfer"
 
-# The bare pycurl client, run as ``python -c PLAIN_PYCURL URL FILE MODE``, MODE "plain" or "sha256"
-# (hash every chunk while writing it); prints "<seconds> <status> <sha256 hex digest, or ->".
+# The bare pycurl client, run as ``python -c PLAIN_PYCURL URL FILE MODE``, MODE "plain", "sha256"
+# (hash every chunk while writing it) or "blocks" (write the chunks 128 KiB at a time); prints
+# "<seconds> <status> <sha256 hex digest, or ->".
 PLAIN_PYCURL = """\
-import hashlib, sys, time, pycurl
+import hashlib, os, sys, time, pycurl
 url, path, mode = sys.argv[1:]
 digest = hashlib.sha256() if mode == "sha256" else None
+pending = []
 with open(path, "wb") as f:
     c = pycurl.Curl()
     c.setopt(pycurl.URL, url)
-    if digest is None:
+    if mode == "plain":
         c.setopt(pycurl.WRITEDATA, f)
-    else:
+    elif mode == "sha256":
         def write(chunk):
             digest.update(chunk)
             f.write(chunk)
+        c.setopt(pycurl.WRITEFUNCTION, write)
+    else:  # "blocks"
+        held = [0]
+        def write(chunk):
+            pending.append(chunk)
+            held[0] += len(chunk)
+            if held[0] >= 131072:
+                os.writev(f.fileno(), pending)
+                pending.clear()
+                held[0] = 0
         c.setopt(pycurl.WRITEFUNCTION, write)
     c.setopt(pycurl.BUFFERSIZE, 1024 * 1024)
     c.setopt(pycurl.NOSIGNAL, 1)
     t0 = time.perf_counter()
     c.perform()
+    if pending:
+        os.writev(f.fileno(), pending)
     elapsed = time.perf_counter() - t0
     status = c.getinfo(pycurl.RESPONSE_CODE)
     c.close()
@@ -463,9 +486,9 @@ def run_aria2c(url: str, out_dir: Path, name: str, size: int, connections: int, 
     return elapsed
 
 
-def run_pycurl(url: str, out: Path, size: int, sha256: str | None = None) -> float:
+def run_pycurl(url: str, out: Path, size: int, sha256: str | None = None, mode: str = "plain") -> float:
     """The bare pycurl client; given ``sha256``, it hashes while downloading and must report that digest."""
-    mode = "plain" if sha256 is None else "sha256"
+    mode = mode if sha256 is None else "sha256"
     proc = subprocess.run([sys.executable, "-c", PLAIN_PYCURL, url, str(out), mode], capture_output=True,
                           text=True, timeout=transfer_timeout(size))
     if proc.returncode != 0:
@@ -707,6 +730,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
         ARIA: aria(ARIA),
         ARIA4: aria(ARIA4),
         PYCURL: lambda i: run_pycurl(url, out_dir / f"pycurl-{i}.bin", size),
+        PYCURL_BLOCKS: lambda i: run_pycurl(url, out_dir / f"pycurl-blocks-{i}.bin", size, mode="blocks"),
         BGT: lambda i: bgtransfer_download(worker, svc, url, f"bgt-{i}.bin", size),
         CURL_SHA: lambda i: run_curl(url, out_dir / f"curl-sha-{i}.bin", size, sha256),
         PYCURL_SHA: lambda i: run_pycurl(url, out_dir / f"pycurl-sha-{i}.bin", size, sha256),
