@@ -435,18 +435,18 @@ class _Download:
                 if r.validator() == self.job.validator:
                     self.degraded.append("server ignores Range")
                 os.ftruncate(self.fd, 0)
-                self.offset = self.pos = 0
+                self.offset = self.pos = self.written = 0
             total = r.length()
         if total is None:
             self.degraded.append("no Content-Length")
         self.validator = r.validator()
         if self.validator is None:
             self.degraded.append("no validator")
+        self.total = total  # (a requeue takes it back to admission, which decides by it)
         limit = self.limits.max_bytes
         if limit is not None and total is not None and total > limit:
             att.stop("requeue", f"{total} bytes: too large for the current conditions")
             return False
-        self.total = total
         self.meta = {"validator": self.validator, "total_bytes_to_receive": total,
                      "degraded": ", ".join(self.degraded) or None}
         # A stored validator vouches for the bytes in the partial file, so one that no longer
@@ -463,7 +463,6 @@ class _Download:
                 att.stop("retry", f"state store unreachable: {exc}")
                 return False
         self._start_hasher()
-        self.written = self.offset
         return True
 
     def _start_hasher(self) -> None:
@@ -474,7 +473,8 @@ class _Download:
             self.hash_at = self.offset + CHUNK
 
     def write(self, chunk: bytes) -> int | None:
-        """pycurl's write callback: the hot path, kept to a list append and a counter."""
+        """pycurl's write callback: the hot path, kept to a list append and a counter (and a
+        write per WRITE_BLOCK)."""
         if not self.writing:
             if self.writing is None:
                 self.writing = self._start()
@@ -545,7 +545,7 @@ class _Download:
                 self._start_hasher()
             else:  # the bytes held do not fit the file any more: start over
                 os.ftruncate(self.fd, 0)
-                self.pos = 0
+                self.pos = self.written = 0
                 return self._outcome("retry", "range not satisfiable; restarting from zero", code, retry_after=0.0)
         elif err is not None:
             out = _classify_curl(err, att)

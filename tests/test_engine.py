@@ -355,10 +355,14 @@ def test_remove_cancels_a_running_transfer(deployment: Deployment, server: FileS
     ok(deployment, get(deployment, server, "/next.bin"), b"n" * 1000)
 
 
-def test_streamed_size_cap_without_content_length(deployment: Deployment, server: FileServer) -> None:
+@pytest.mark.parametrize("length", [False, True], ids=["streamed", "content-length"])
+def test_a_download_larger_than_the_cellular_cap_waits_for_wifi(deployment: Deployment, server: FileServer,
+                                                                 length: bool) -> None:
+    """The size, unknown at add, is learnt from the response: its Content-Length, or the bytes
+    that outgrew the cap on the stream. One request to the server, then a wait (no loop)."""
     data = os.urandom(400_000)
     server.put("/cap.bin", data)
-    server.behave("/cap.bin", no_content_length=True)
+    server.behave("/cap.bin", no_content_length=not length)
     svc = deployment.service("app")
     svc.set_conditions(network="cellular")
     deployment.worker(BGTRANSFER_MAX_DOWNLOAD_CELLULAR_BYTES="100000", BGTRANSFER_PROGRESS_INTERVAL="0.05")
@@ -367,8 +371,12 @@ def test_streamed_size_cap_without_content_length(deployment: Deployment, server
     svc.add(req)
     wait_for(lambda: svc.find(req.request_id).transfer_status == TransferStatus.WAITING_FOR_WIFI, 30, 0.05,
              "waiting for Wi-Fi once the stream outgrew the cellular cap")
-    assert svc.find(req.request_id).transfer_preferences.value == "ALLOW_BATTERY"
+    found = svc.find(req.request_id)
+    assert found.transfer_preferences.value == "ALLOW_BATTERY"
+    if length:
+        assert found.total_bytes_to_receive == len(data)
     assert landed(deployment, "cap.bin") is None
+    assert len(server.requests_for("/cap.bin")) == 1
     svc.set_conditions(network="wifi")
     ok(deployment, req, data)
 
