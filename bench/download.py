@@ -5,6 +5,7 @@ Run from the repository root, in its venv::
     python -m bench.download                          # 1 GiB, 3 repeats, 8 x 128 MiB: about 3 minutes on 2 cores
     python -m bench.download --quick                  # 128 MiB, 1 repeat, 8 x 32 MiB: about a minute
     python -m bench.download --size-mib 64 --repeat 2 --parallel-files 4 --parallel-mib 16 --json out.json
+    python -m bench.download --backends embedded,rabbitmq+postgresql,redis+postgresql
 
 From Python (e.g. a runner over all benchmarks)::
 
@@ -60,6 +61,11 @@ One large download (variants run interleaved, A B C ... A B C ..., ``--repeat`` 
                       20 ms. It therefore includes dispatch (store insert, admission pass,
                       broker message, the worker's broker poll), the claim, the transfer, the
                       atomic rename and recording the outcome.
+    bgtransfer, rabbitmq+postgresql and bgtransfer, redis+postgresql
+                      with ``--backends``: bgtransfer the same way through a worker of its own on
+                      that backend (the machine's RabbitMQ or Redis, and a PostgreSQL database
+                      made for the run and dropped at its end), warmed up the same way; held to
+                      the same targets as bgtransfer on the embedded default.
     curl+sha256sum    ``curl -s -o FILE URL``, then ``sha256sum FILE`` (as a user verifies a
                       download); the two commands are timed together, and the digest printed
                       must be the expected one.
@@ -174,8 +180,9 @@ if str(ROOT) not in sys.path:
 
 import pycurl  # noqa: E402
 
+from bench._services import BACKENDS, Unavailable, backend_env  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
-from bgtransfer._settings import Settings, load  # noqa: E402
+from bgtransfer._settings import Settings, load, queue_name  # noqa: E402
 from tests.httpserver import FileServer  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
@@ -389,6 +396,26 @@ def bgtransfer_download(worker: Worker, svc: BackgroundTransferService, url: str
     svc.remove(req.request_id)
     path.unlink()
     return elapsed
+
+
+def server_backend_worker(name: str, tmp: Path, stack: contextlib.ExitStack,
+                          server: FileServer) -> tuple[Worker, BackgroundTransferService]:
+    """A worker (and its client) on backend ``name``, ready and warmed up; its clean-up (worker,
+    queue, database) goes on ``stack``."""
+    queues: list[str] = []
+    try:
+        env, _ = backend_env(name, tmp / name, stack, queues, "bgt_download")
+    except Unavailable as exc:
+        raise BenchError(str(exc)) from exc
+    worker = Worker(tmp / name, tmp / f"worker-{name}.log", extra={k: v for k, v in env.items()
+                                                                    if k != "BGTRANSFER_DATA_ROOT"})
+    queues.append(queue_name(worker.vars["BGTRANSFER_DEVICE"]))
+    stack.callback(worker.stop)
+    worker.ready()
+    svc = worker.service()
+    warmed = warm_up(worker, svc, server, worker.concurrency)
+    print(f"  worker {worker.pid} on {name} ready, warmed up ({warmed} of {worker.concurrency} at once)")
+    return worker, svc
 
 
 def serve_warm_up(server: FileServer, small: Path) -> str:
@@ -629,6 +656,9 @@ def parser() -> argparse.ArgumentParser:
                    help="size of each parallel file in MiB (default 128; 32 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a quick check: --size-mib 128 --repeat 1, parallel files of 32 MiB")
+    p.add_argument("--backends", default="embedded",
+                   help=f"comma-separated, of {', '.join(BACKENDS)}: the single download runs bgtransfer on "
+                        "each (default, and always: embedded)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write all figures to FILE")
     return p
 
@@ -646,6 +676,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--size-mib, --repeat and --parallel-mib must be at least 1")
     if args.parallel_files < 0:
         p.error("--parallel-files must be at least 0")
+    args.backends = ["embedded", *(b for b in args.backends.split(",") if b and b != "embedded")]
+    if unknown := [b for b in args.backends if b not in BACKENDS]:
+        p.error(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
     return args
 
 
@@ -719,6 +752,9 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     warmed = warm_up(worker, svc, server, worker.concurrency)
     print(f"  worker {worker.pid} ready (pool children {worker.children()}), warmed up "
           f"({warmed} of {worker.concurrency} at once)")
+    on_servers = {f"{BGT}, {name}": server_backend_worker(name, tmp, stack, server)
+                  for name in args.backends if name != "embedded"}
+    variants[variants.index(BGT) + 1:variants.index(BGT) + 1] = list(on_servers)
 
     def aria(variant: str) -> Callable[[int], float]:
         connections = ARIA_VARIANTS[variant]
@@ -736,25 +772,31 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
         PYCURL_SHA: lambda i: run_pycurl(url, out_dir / f"pycurl-sha-{i}.bin", size, sha256),
         BGT_SHA: lambda i: bgtransfer_download(worker, svc, url, f"bgt-sha-{i}.bin", size, sha256),
     }
+    for k, (variant, (w, s)) in enumerate(on_servers.items()):
+        runners[variant] = lambda i, w=w, s=s, k=k: bgtransfer_download(w, s, url, f"bgt-{k}-{i}.bin", size)
+    width = max(18, *map(len, variants))
     samples = {v: Samples() for v in variants}
     for i in range(args.repeat):
         for v in variants:
             seconds = runners[v](i)
             samples[v].seconds.append(seconds)
             os.sync()  # outside the timing: no write-back left over for the next sample
-            print(f"  #{i + 1} {v:<18} {seconds:7.3f} s {mbps(size, seconds):8.0f} MB/s", flush=True)
-    worker.stop()
-    log_problems = {"single": worker.log_problems()}
+            print(f"  #{i + 1} {v:<{width}} {seconds:7.3f} s {mbps(size, seconds):8.0f} MB/s", flush=True)
+    log_problems = {}
+    for tag, w in [("single", worker), *((v, w) for v, (w, _) in on_servers.items())]:
+        w.stop()
+        log_problems[tag] = w.log_problems()
 
     best = {v: samples[v].best(size) for v in variants}
     print()
-    print(f"{'variant':<18} {'best MB/s':>10} {'median MB/s':>12} {'best/curl':>10} {'best/pycurl':>12}")
+    print(f"{'variant':<{width}} {'best MB/s':>10} {'median MB/s':>12} {'best/curl':>10} {'best/pycurl':>12}")
     for v in variants:
-        print(f"{v:<18} {best[v]:>10.0f} {samples[v].median(size):>12.0f} "
+        print(f"{v:<{width}} {best[v]:>10.0f} {samples[v].median(size):>12.0f} "
               f"{best[v] / best[CURL]:>10.2f} {best[v] / best[PYCURL]:>12.2f}")
     print()
     ratios = {}
-    for num, den, target in TARGETS:
+    targets = [*TARGETS, *((v, den, t) for v in on_servers for num, den, t in TARGETS if num == BGT)]
+    for num, den, target in targets:
         ratios[f"{num} / {den}"] = {"value": best[num] / best[den], "target": target}
         print(f"{num} / {den} = {best[num] / best[den]:.2f} (target >= {target:g})")
     info_ratios: dict[str, float | None] = {}
@@ -800,7 +842,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
         "size_bytes": size, "repeat": args.repeat, "versions": env_versions, "cpus": os.cpu_count(),
         "variants": {v: {"seconds": samples[v].seconds, "mb_per_s": samples[v].rates(size), "best_mb_per_s": best[v],
                          "median_mb_per_s": samples[v].median(size)} if v in samples else None
-                     for v in VARIANTS},
+                     for v in (*VARIANTS, *on_servers)},
         "ratios": ratios,
         "info_ratios": info_ratios,
         "parallel": parallel,

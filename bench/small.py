@@ -141,15 +141,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import plaintask  # noqa: E402
-from bench._services import AMQP_URL, rabbitmq_unreachable  # noqa: E402
+from bench._services import BACKENDS, PG_ADMIN, Unavailable, backend_env, close_clients  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
 from bgtransfer._settings import Settings, load  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
-PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_BASE = "redis://127.0.0.1:6379"
-REDIS_DBS = (13, 12, 11, 10, 14, 15)  # tests use 0; the first empty one of these is taken
-BACKENDS = ("embedded", "rabbitmq+postgresql", "redis+postgresql")
 FILE_BYTES = 4096
 POLL_SECONDS = 0.01
 STALL_SECONDS = 60.0  # no completion for this long: something is stuck, stop with the logs
@@ -376,63 +372,11 @@ class Backend:
 def open_backend(name: str, tmp: Path, stack: contextlib.ExitStack) -> Backend:
     """Set up one backend; its clean-up (queues, database, Redis DB, clients) goes on ``stack``."""
     tmp.mkdir(parents=True)
-    b = Backend(name, tmp, {"BGTRANSFER_DATA_ROOT": str(tmp / "data")})
-    if name == "rabbitmq+postgresql":
-        from kombu import Connection
-
-        if why := rabbitmq_unreachable():
-            raise BenchError(why)
-        b.env["BGTRANSFER_BROKER_URL"] = AMQP_URL
-
-        def delete_queues() -> None:
-            with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-                for q in b.amqp_queues:
-                    with contextlib.suppress(Exception):
-                        conn.default_channel.queue_delete(q)
-
-        stack.callback(delete_queues)
-    elif name == "redis+postgresql":
-        import redis
-
-        db = None
-        try:
-            for n in REDIS_DBS:
-                with redis.Redis.from_url(f"{REDIS_BASE}/{n}", socket_connect_timeout=5) as r:
-                    if r.dbsize() == 0:
-                        db = n
-                        break
-        except Exception as exc:
-            raise BenchError(f"Redis is not reachable at {REDIS_BASE}: {exc}") from exc
-        if db is None:
-            raise BenchError(f"no empty Redis database among {REDIS_DBS} at {REDIS_BASE}")
-        url = f"{REDIS_BASE}/{db}"
-        b.env["BGTRANSFER_BROKER_URL"] = url
-
-        def flush() -> None:  # it was empty when the run took it
-            with redis.Redis.from_url(url, socket_connect_timeout=5) as r:
-                r.flushdb()
-
-        stack.callback(flush)
-    elif name != "embedded":
-        raise BenchError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
-    if name.endswith("+postgresql"):
-        import psycopg
-
-        db_name = f"bgt_small_{uuid.uuid4().hex[:10]}"
-        try:
-            with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f"CREATE DATABASE {db_name}")
-        except Exception as exc:
-            raise BenchError(f"cannot create a PostgreSQL database at {PG_ADMIN}: {exc}") from exc
-
-        def drop() -> None:
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
-
-        stack.callback(drop)
-        b.database = db_name
-        b.env["BGTRANSFER_DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0] + "/" + db_name
-    stack.callback(close_clients, load(b.env))  # before the database is dropped (LIFO)
+    b = Backend(name, tmp, {})
+    try:
+        b.env, b.database = backend_env(name, tmp / "data", stack, b.amqp_queues, "bgt_small")
+    except Unavailable as exc:
+        raise BenchError(str(exc)) from exc
     return b
 
 
@@ -453,21 +397,6 @@ def commits_unflushed(b: Backend) -> Iterator[None]:
         yield
     finally:
         setting("RESET synchronous_commit")
-
-
-def close_clients(s: Settings) -> None:
-    """Close this process's Store and bgtransfer sender for these settings (connections, files)."""
-    from bgtransfer._service import _stores
-
-    store = _stores.pop(s.store_url, None)
-    if store is not None:
-        store.close()
-    mod = sys.modules.get("bgtransfer._celery")
-    if mod is not None:
-        sender = mod._senders.pop((s.broker_url, s.data_root), None)
-        if sender is not None and sender is not mod.app:
-            with contextlib.suppress(Exception):
-                sender.close()
 
 
 # ----------------------------------------------------------------------------- measurements
