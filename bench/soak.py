@@ -78,11 +78,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._services import AMQP_URL, rabbitmq_unreachable  # noqa: E402
+from bench._services import Unavailable, backend_env  # noqa: E402
 from tests.workerproc import FAST as WORKER_FAST  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
-
-PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 MB = 1_000_000
 SMALL_BYTES = 4096
@@ -254,46 +252,10 @@ class Soak:
         self.data_root = tmp / "data"
         self.env: dict[str, str] = {"BGTRANSFER_DATA_ROOT": str(self.data_root), "BGTRANSFER_DEVICE": self.device,
                                     **FAST}
-        self.database = ""
         self.errors_in_threads: list[str] = []
         self.completed_ids: set[str] = set()
 
     # -- set-up and tear-down ---------------------------------------------------------------
-
-    def make_database(self, stack: contextlib.ExitStack) -> None:
-        import psycopg
-
-        name = f"bgt_{self.run_tag}"
-        try:
-            with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f"CREATE DATABASE {name}")
-        except Exception as exc:
-            raise SoakError(f"cannot create a PostgreSQL database at {PG_ADMIN}: {exc}") from exc
-
-        def drop() -> None:
-            from bgtransfer._service import _stores
-
-            for url in [u for u in _stores if name in u]:
-                _stores.pop(url).close()
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-        stack.callback(drop)
-        self.database = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-        self.env["BGTRANSFER_DATABASE_URL"] = self.database
-
-    def use_rabbitmq(self, stack: contextlib.ExitStack) -> None:
-        from kombu import Connection
-
-        if why := rabbitmq_unreachable():
-            raise SoakError(why)
-        self.env["BGTRANSFER_BROKER_URL"] = AMQP_URL
-
-        def delete_queue() -> None:
-            with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=5) as conn:
-                conn.default_channel.queue_delete(f"bgtransfer.{self.device}")
-
-        stack.callback(delete_queue)
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BGTRANSFER_")}
@@ -317,19 +279,6 @@ class Soak:
         if left:
             self.stats.problems.append(f"processes still alive after SIGKILL: {left}")
 
-    def close_sender(self) -> None:
-        """Close the Celery app this process used to send wake-ups for this run (its broker connections)."""
-        mod = sys.modules.get("bgtransfer._celery")
-        if mod is None:
-            return
-        key = (self.settings.broker_url, self.settings.data_root)
-        sender = mod._senders.pop(key, None)
-        if sender is not None and sender is not mod.app:
-            with contextlib.suppress(Exception):
-                sender.close()
-
-    # -- the run ----------------------------------------------------------------------------
-
     def run(self) -> dict[str, Any]:
         t_start = now()
         deadline = t_start + self.budget
@@ -337,15 +286,16 @@ class Soak:
         add_deadline = deadline - drain_reserve
         from bgtransfer import BackgroundTransferRequest, BackgroundTransferService
         from bgtransfer._exceptions import QuotaExceededError
-        from bgtransfer._settings import load
+        from bgtransfer._settings import load, queue_name
         from tests.httpserver import FileServer
 
         with contextlib.ExitStack() as stack:
-            if self.backend == "rabbitmq+postgresql":
-                self.use_rabbitmq(stack)
-                self.make_database(stack)
+            try:  # its clean-up closes this process's clients of it, then drops the database
+                self.env.update(backend_env(self.backend, self.data_root, stack, [queue_name(self.device)],
+                                            "bgt_soak")[0])
+            except Unavailable as exc:
+                raise SoakError(str(exc)) from exc
             self.settings = load(self.env)
-            stack.callback(self.close_sender)
 
             # content
             server = stack.enter_context(FileServer())
