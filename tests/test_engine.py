@@ -64,12 +64,16 @@ def part_file(dep: Deployment) -> Path | None:
     return parts[0] if parts else None
 
 
-def test_sigkill_mid_download_resumes_without_refetching(deployment: Deployment, server: FileServer) -> None:
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "sha256"])
+def test_sigkill_mid_download_resumes_without_refetching(deployment: Deployment, server: FileServer,
+                                                         checksum: bool) -> None:
+    """With a checksum asked for, the resumed attempt hashes the bytes held (read back) and then
+    the rest as it arrives: a digest of the rest alone would fail the request."""
     data = os.urandom(50 * 1000 * 1000)
     server.put("/big.bin", data)
     server.behave("/big.bin", rate=8 * 1000 * 1000)
     worker = deployment.worker()
-    req = get(deployment, server, "/big.bin")
+    req = get(deployment, server, "/big.bin", expected_sha256=sha(data) if checksum else None)
     svc = deployment.service("app")
     wait_for(lambda: (r := svc.find(req.request_id)) and r.bytes_received > 15_000_000, 60, 0.05, "15 MB")
     worker.kill()
