@@ -407,8 +407,7 @@ def server_backend_worker(name: str, tmp: Path, stack: contextlib.ExitStack,
         env, _ = backend_env(name, tmp / name, stack, queues, "bgt_download")
     except Unavailable as exc:
         raise BenchError(str(exc)) from exc
-    worker = Worker(tmp / name, tmp / f"worker-{name}.log", extra={k: v for k, v in env.items()
-                                                                    if k != "BGTRANSFER_DATA_ROOT"})
+    worker = Worker(tmp / name, tmp / f"worker-{name}.log", extra=env)
     queues.append(queue_name(worker.vars["BGTRANSFER_DEVICE"]))
     stack.callback(worker.stop)
     worker.ready()
