@@ -1,14 +1,15 @@
-"""The servers the benchmarks may use on this machine: one check that a broker answers, and the
-set-up and clean-up of a deployment on each backend."""
+"""What the benchmarks share: the servers they may use on this machine (one check that a broker
+answers, the set-up and clean-up of a deployment on each backend), and which code they measured."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bgtransfer._settings import Settings
@@ -18,6 +19,22 @@ PG_ADMIN = os.environ.get("BGTRANSFER_TEST_PG", "postgresql://postgres@127.0.0.1
 REDIS_BASE = "redis://127.0.0.1:6379"
 REDIS_DBS = (13, 12, 11, 10, 14, 15)  # tests use 0; the first empty one of these is taken
 BACKENDS = ("embedded", "rabbitmq+postgresql", "redis+postgresql")
+
+
+def code_tree() -> dict[str, Any]:
+    """The code measured: the commit and the files changed in the work tree (a figure in the
+    README names the commit it was measured at; others may be editing while a benchmark runs)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), *a],
+                              capture_output=True, text=True).stdout
+
+    return {"commit": git("rev-parse", "HEAD").strip(), "changed": git("status", "--short").splitlines()}
+
+
+def code_line(code: dict[str, Any]) -> str:
+    """``code_tree()`` in one line, for a benchmark's header."""
+    changed = f" + changed: {', '.join(x.split()[-1] for x in code['changed'])}" if code["changed"] else ""
+    return f"code: {code['commit'][:12]}{changed}"
 
 
 class Unavailable(RuntimeError):

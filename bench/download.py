@@ -146,7 +146,7 @@ for tracebacks; any found are printed at the end (and listed in the JSON), none 
 Workers are stopped with SIGTERM to their pid; if one has not exited after 15 s, it and the
 children it had are sent SIGKILL by pid. A client subprocess (curl, sha256sum, aria2c, bare
 pycurl) still running when the run is interrupted is sent SIGKILL by ``subprocess.run``.
-``--json FILE`` also writes every sample and figure.
+``--json FILE`` also writes every sample and figure, and the commit and changed files measured.
 
 Throughput on a small VM is noisy (tens of percent between samples); compare best figures
 from one run, where all variants saw the same machine state, rather than across runs.
@@ -180,7 +180,7 @@ if str(ROOT) not in sys.path:
 
 import pycurl  # noqa: E402
 
-from bench._services import BACKENDS, Unavailable, backend_env  # noqa: E402
+from bench._services import BACKENDS, Unavailable, backend_env, code_line, code_tree  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
 from bgtransfer._settings import Settings, load, queue_name  # noqa: E402
 from tests.httpserver import FileServer  # noqa: E402
@@ -718,8 +718,8 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     par_label = f"{n_par} x {size_label(par_size)} at once" if n_par else "no parallel downloads"
     print(f"bench.download: {size_label(size)} ({size} bytes), {args.repeat} repeat(s), {par_label}, "
           f"{os.cpu_count()} CPUs, temp dir {tmp}")
-    env_versions = versions(have_aria2c)
-    print(f"  {env_versions}")
+    env_versions, code = versions(have_aria2c), code_tree()
+    print(f"  {env_versions}\n  {code_line(code)}")
     if not have_aria2c:
         print("  aria2c is not on PATH: its variants are skipped")
 
@@ -838,7 +838,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
                 print(f"    {line[:300]}")
 
     return {
-        "size_bytes": size, "repeat": args.repeat, "versions": env_versions, "cpus": os.cpu_count(),
+        "size_bytes": size, "repeat": args.repeat, "versions": env_versions, "cpus": os.cpu_count(), "tree": code,
         "variants": {v: {"seconds": samples[v].seconds, "mb_per_s": samples[v].rates(size), "best_mb_per_s": best[v],
                          "median_mb_per_s": samples[v].median(size)} if v in samples else None
                      for v in (*VARIANTS, *on_servers)},

@@ -141,7 +141,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import plaintask  # noqa: E402
-from bench._services import BACKENDS, PG_ADMIN, Unavailable, backend_env, close_clients  # noqa: E402
+from bench._services import BACKENDS, PG_ADMIN, Unavailable, backend_env, close_clients, code_line, code_tree  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
 from bgtransfer._settings import Settings, load  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
@@ -849,15 +849,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tree() -> dict[str, Any]:
-    """The code measured: the commit and the files changed in the work tree (others may be
-    editing bgtransfer while a benchmark runs)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "changed": git("status", "--short").splitlines()}
-
-
 def versions() -> str:
     import celery
     import pycurl
@@ -897,12 +888,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         stack.enter_context(client_environment(tmp))
-        env_versions, code = versions(), tree()
+        env_versions, code = versions(), code_tree()
         print(f"bench.small: {args.n} downloads of {FILE_BYTES} bytes, concurrency {args.concurrency}, backends "
               f"{', '.join(args.backends)}, depths {args.depths}, repeat {args.repeat}, {os.cpu_count()} CPUs, "
-              f"temp dir {tmp}\n  {env_versions}\n  code: {code['commit'][:12]}"
-              + (f" + changed: {', '.join(x.split()[-1] for x in code['changed'])}" if code["changed"] else ""),
-              flush=True)
+              f"temp dir {tmp}\n  {env_versions}\n  {code_line(code)}", flush=True)
         files = make_files(tmp / "www", max(args.n, *args.depths))
         server = ServerProcess(tmp / "www", tmp / "server.log")
         stack.callback(server.stop)

@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._services import Unavailable, backend_env  # noqa: E402
+from bench._services import Unavailable, backend_env, code_line, code_tree  # noqa: E402
 from tests.workerproc import FAST as WORKER_FAST  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
 
@@ -776,9 +776,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in [k for k in os.environ if k.startswith("BGTRANSFER_")]:
         del os.environ[k]
     os.environ["BGTRANSFER_DATA_ROOT"] = str(top / "client-defaults")
+    code = code_tree()
     print(f"bench.soak: backends {', '.join(backends)}; {args.small} small (4 KB) + {args.large} large (20 MB) "
           f"per backend, {args.apps} apps, {WORKERS} workers x {CONCURRENCY}, cap {CAP}, budget {args.minutes:g} min, "
-          f"seed {seed}, temp dir {top}", flush=True)
+          f"seed {seed}, temp dir {top}\n  {code_line(code)}", flush=True)
     results: list[dict[str, Any]] = []
     started = now()
     status = 0
@@ -808,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     total = now() - started
     print(f"\ntotal {total:.0f} s; {'PASS' if status == 0 else 'FAIL'}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"seed": seed, "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"seed": seed, "tree": code, "args": {k: str(v) for k, v in vars(args).items()},
                                          "total_s": total, "results": results}, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
     return status
