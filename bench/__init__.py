@@ -1,1 +1,2 @@
-"""Benchmarks for bgtransfer; run each as a module from the repository root (``python -m bench.download``)."""
+"""Benchmarks for bgtransfer, run from the repository root: all of them with ``python -m bench``
+(``__main__.py``), or each as a module (``python -m bench.download``)."""
