@@ -1,12 +1,15 @@
-"""An attempt's glue between the store and the engine (bgtransfer._worker): who owns an attempt."""
+"""An attempt's glue between the store and the engine (bgtransfer._worker): who owns an attempt,
+and what share of the bandwidth limits its lease gives it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
 
-from bgtransfer._worker import attempt_owner
+from bgtransfer._worker import StoreLease, attempt_owner
+from tests.test_store import add, env  # noqa: F401 (env: a store on SQLite and on PostgreSQL)
 
 
 def test_an_attempts_owner_is_one_per_process_and_thread() -> None:
@@ -32,3 +35,22 @@ def test_an_attempts_owner_is_one_per_process_and_thread() -> None:
     theirs = os.read(read, 200).decode().split(":")
     os.close(read)
     assert theirs[0] == host and theirs[1] == str(child) and theirs[2] != nonce
+
+
+def test_a_lease_shares_the_limits_among_every_slot_held(env) -> None:  # noqa: F811
+    """Four requests admitted together: the first one claimed already takes its share among the
+    four slots held, not the whole limit while the other three have yet to start (which let a
+    device move more than its limit); a slot given back is no longer counted."""
+    store, s, dep = env
+    s = dataclasses.replace(s, max_concurrent_per_device=4, max_rate_per_device=8e6, max_rate_per_app=3e6)
+    a_ids = add(store, s, "a", 3, dep.device)
+    [b_id] = add(store, s, "b", 1, dep.device)
+    tokens = dict(store.promote(dep.device, s))
+    assert len(tokens) == 4
+    a = store.claim(a_ids[0], tokens[a_ids[0]], "w", s)  # the first to start; three more admitted
+    assert StoreLease(store, a, tokens[a_ids[0]], "w", s).max_rate() == 1e6  # app a: 3 MB/s among its 3
+    b = store.claim(b_id, tokens[b_id], "w", s)
+    lease_b = StoreLease(store, b, tokens[b_id], "w", s)
+    assert lease_b.max_rate() == 2e6  # the device: 8 MB/s among 4 held (app b alone: 3)
+    store.finish(a["id"], tokens[a_ids[0]], owner="w", phase="done", status="COMPLETED")
+    assert lease_b.renew(0) is None and lease_b.max_rate() == 8e6 / 3
