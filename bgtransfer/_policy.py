@@ -297,8 +297,8 @@ def over_quota(day_usage: Mapping[str, int], s: Settings) -> dict[str, str]:
 
 def rate_share(s: Settings, on_device: int, of_app: int) -> float:
     """Bytes per second one transfer may move (0: no limit): the tightest of the per-transfer
-    limit and an even share of the app's and the device's limits among the transfers that hold
-    their slots (admitted or running)."""
+    limit and an even share of the app's and the device's limits among the transfers that run
+    or are about to (``Store.sharing``)."""
     shares = [s.max_rate_per_transfer, s.max_rate_per_app / max(of_app, 1), s.max_rate_per_device / max(on_device, 1)]
     return min((r for r in shares if r > 0), default=0.0)
 

@@ -61,7 +61,8 @@ class Settings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     # bandwidth limits in bytes per second (0: none); the app's and the device's are shared
-    # evenly by their running transfers on every host, recounted at every progress renewal
+    # evenly by their transfers on every host that run or are about to (admitted since the last
+    # renewal), recounted when a transfer starts and at every progress renewal
     max_rate_per_transfer: float = 0.0
     max_rate_per_app: float = 0.0
     max_rate_per_device: float = 0.0

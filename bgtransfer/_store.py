@@ -1020,13 +1020,16 @@ class Store:
         with self.tx(read=True) as conn:
             return {app: int(n) for app, n in conn.execute(_DAY_USAGE, {"device": device, "hour": hour})}
 
-    def held(self, device: str, app_id: str) -> tuple[int, int]:
-        """How many slots of ``device`` are held now (admitted or running), and how many of them
-        by ``app_id``: the transfers that share its bandwidth limits. An admitted request starts
-        within moments, so the first of several admitted together does not take a whole limit
-        until its next renewal (counting only those running let it, and the device overshoot)."""
+    def sharing(self, device: str, app_id: str, recent: float, now: float | None = None) -> tuple[int, int]:
+        """How many transfers share ``device``'s bandwidth limits now, and how many of them are
+        ``app_id``'s: those running (on every host, their lease alive) and those admitted in the
+        last ``recent`` seconds, which start within moments: the first of several admitted
+        together does not take the whole limit until its next renewal. One admitted longer ago
+        waits for a worker (a cap above the workers' processes, a host down) and takes no share."""
+        now = time.time() if now is None else now
+        params = {"device": device, "app": app_id, "now": now, "since": now - recent}
         with self.tx(read=True) as conn:
-            return tuple(conn.execute(_HELD_COUNTS, {"device": device, "app": app_id}).one())  # type: ignore[return-value]
+            return tuple(conn.execute(_SHARING, params).one())  # type: ignore[return-value]
 
     def heartbeat(self, request_id: str, token: int, lease_seconds: float, used: int = 0,
                   owner: str | None = None, **fields: Any) -> str | None:
@@ -1122,9 +1125,9 @@ _CLAIM = sa.text(
     "RETURNING *, (SELECT conditions FROM bgt_devices WHERE name = bgt_requests.device) AS conditions")
 _RUNNING = sa.text(f"SELECT * FROM bgt_requests WHERE {_HELD_BY} AND phase = 'running'")
 _DELETE = sa.text("DELETE FROM bgt_requests WHERE id = :rid")
-_HELD_COUNTS = sa.text(
-    f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_HELD}), (SELECT count(*) FROM bgt_requests WHERE {_HELD}"
-    " AND app_id = :app)")
+_SHARERS = f"{_HELD} AND (lease_expires >= :now AND phase = 'running' OR updated_at >= :since AND phase = 'admitted')"
+_SHARING = sa.text(f"SELECT (SELECT count(*) FROM bgt_requests WHERE {_SHARERS}), (SELECT count(*) FROM bgt_requests "
+                   f"WHERE {_SHARERS} AND app_id = :app)")
 _INSERT = sa.text(f"INSERT INTO bgt_requests ({', '.join(c.name for c in requests.c)}) "
                   f"VALUES ({', '.join(':' + c.name for c in requests.c)})")
 _ENQUEUE = sa.text(  # PostgreSQL: all of an add after its _ARRIVE, in one statement (Store._enqueue)

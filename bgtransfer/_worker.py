@@ -57,11 +57,12 @@ class StoreLease:
         return self.rate
 
     def _share(self) -> float:
-        """This transfer's share of the bandwidth limits, from the slots held now on every host."""
+        """This transfer's share of the bandwidth limits, among the transfers on every host that
+        run or are about to (``Store.sharing``: admitted since the last renewal)."""
         s = self.s
         if not (s.max_rate_per_app or s.max_rate_per_device):
             return s.max_rate_per_transfer  # no count needed
-        return policy.rate_share(s, *self.store.held(self.device, self.app_id))
+        return policy.rate_share(s, *self.store.sharing(self.device, self.app_id, s.progress_interval))
 
 
 _processes: dict[int, str] = {}  # pid -> this process's part of an owner (a forked child makes its own)

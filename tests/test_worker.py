@@ -7,6 +7,7 @@ import dataclasses
 import os
 import socket
 import threading
+import time
 
 from bgtransfer._worker import StoreLease, attempt_owner
 from tests.test_store import add, env  # noqa: F401 (env: a store on SQLite and on PostgreSQL)
@@ -37,12 +38,15 @@ def test_an_attempts_owner_is_one_per_process_and_thread() -> None:
     assert theirs[0] == host and theirs[1] == str(child) and theirs[2] != nonce
 
 
-def test_a_lease_shares_the_limits_among_every_slot_held(env) -> None:  # noqa: F811
+def test_a_lease_shares_the_limits_among_the_transfers_about_to_run(env) -> None:  # noqa: F811
     """Four requests admitted together: the first one claimed already takes its share among the
-    four slots held, not the whole limit while the other three have yet to start (which let a
-    device move more than its limit); a slot given back is no longer counted."""
+    four, not the whole limit while the other three have yet to start (which let a device move
+    more than its limit). A slot given back no longer counts; nor does a request admitted longer
+    ago than a renewal (no worker has taken it yet: a cap above the workers' processes, a host
+    down), nor a transfer whose lease ran out (its worker died)."""
     store, s, dep = env
-    s = dataclasses.replace(s, max_concurrent_per_device=4, max_rate_per_device=8e6, max_rate_per_app=3e6)
+    s = dataclasses.replace(s, max_concurrent_per_device=4, max_rate_per_device=8e6, max_rate_per_app=3e6,
+                            progress_interval=60.0, lease_seconds=3.0)
     a_ids = add(store, s, "a", 3, dep.device)
     [b_id] = add(store, s, "b", 1, dep.device)
     tokens = dict(store.promote(dep.device, s))
@@ -51,6 +55,8 @@ def test_a_lease_shares_the_limits_among_every_slot_held(env) -> None:  # noqa: 
     assert StoreLease(store, a, tokens[a_ids[0]], "w", s).max_rate() == 1e6  # app a: 3 MB/s among its 3
     b = store.claim(b_id, tokens[b_id], "w", s)
     lease_b = StoreLease(store, b, tokens[b_id], "w", s)
-    assert lease_b.max_rate() == 2e6  # the device: 8 MB/s among 4 held (app b alone: 3)
+    assert lease_b.max_rate() == 2e6  # the device: 8 MB/s among 4 (app b alone: 3)
     store.finish(a["id"], tokens[a_ids[0]], owner="w", phase="done", status="COMPLETED")
-    assert lease_b.renew(0) is None and lease_b.max_rate() == 8e6 / 3
+    assert lease_b.renew(0) is None and lease_b.max_rate() == 8e6 / 3  # b and a's two admitted
+    assert store.sharing(dep.device, "b", recent=0.0) == (1, 1)  # a's two, admitted before now, wait
+    assert store.sharing(dep.device, "b", recent=60.0, now=time.time() + 10) == (2, 0)  # b's lease ran out
