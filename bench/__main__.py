@@ -1,6 +1,6 @@
 """Every benchmark in one command, then one table of their ratios and targets.
 
-    python -m bench                      # all, on every backend: about 10 minutes on 2 cores
+    python -m bench --repeat 2           # all, on every backend: about 8 minutes on 2 cores
     python -m bench --quick              # smaller and fewer, embedded only: about 3 minutes
     python -m bench --only download,small --backends embedded,rabbitmq+postgresql --repeat 2
     python -m bench --json all.json
@@ -9,15 +9,19 @@ It runs, in this order, ``bench.download`` (one 1 GiB download against curl, ari
 pycurl; 8 at once; worker RSS), ``bench.small`` (1,000 small downloads against a plain Celery
 task and aria2c; scale-out; queue depth), ``bench.admission`` (the admission pass and add at
 10, 100 and 500 queued) and ``bench.limits`` (bandwidth limits and fair share against their
-settings), each as its own command would with the options below, printing as it goes. Each
-module's docstring says what it measures and how. ``bench.soak`` is not among them: it is a
+settings), each as its own command would with the options below, printing as it goes (for
+admission and limits, their figures when they end). Each module's docstring says what it
+measures and how. ``bench.soak`` is not among them: it is a
 fault test with a verdict of its own (``python -m bench.soak``), not a ratio.
 
 ``--backends`` applies to download and small (default: all three; ``--quick``: embedded), and
 admission measures PostgreSQL when one of them is a PostgreSQL backend. ``--repeat`` applies to
-download and small (default: each one's own). ``--quick`` gives each its quick form (admission:
-50 rounds). A benchmark that fails is reported and the others still run; the exit status is 1
-if one failed, not if a target was missed (that is a figure, printed in the table).
+download and small (default: each one's own; download's ``--quick`` takes one sample whatever it
+says). ``--quick`` gives each its quick form (admission: 50 rounds). The table's targets are the
+benchmarks' own, plus one for the limits: a limit is a ceiling, so measured / set at most 1.02
+(the rate counts dispatch too, so it is if anything low). A benchmark that fails, or a backend
+that it skips or fails on, is reported and the rest still runs; the exit status is 1 then, not
+when a target was missed (that is a figure, printed in the table).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from bench._services import BACKENDS, code_line, code_tree  # noqa: E402
 
 BENCHMARKS = ("download", "small", "admission", "limits")
 ADMISSION_TARGET_MS = 5.0  # admission pass p99 at the deepest queue (bench.admission)
+LIMIT_CEILING = 1.02  # a bandwidth limit's measured / set (bench.limits), with room for the clock's noise
 
 # A row of the table: benchmark, figure, value, target (None: informational), and the target's direction.
 Row = tuple[str, str, float, float | None, str]
@@ -81,7 +86,7 @@ def run_download(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     rows += [("download", name, value, None, ">=") for name, value in result["info_ratios"].items()
              if value is not None]
     if result["parallel"]:
-        rows += [("download", f"8 at once: {name}", value, None, ">=")
+        rows += [("download", f"{result['parallel']['files']} at once: {name}", value, None, ">=")
                  for name, value in result["parallel"]["ratio"].items()]
     rss = result["worker_rss"]
     rows += [("download", f"worker peak RSS growth, {download.size_label(r['size_bytes'])} file (MiB)",
@@ -100,6 +105,7 @@ def run_admission(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     stores = ["sqlite", *(["postgresql"] if any(b.endswith("+postgresql") for b in args.backends) else [])]
     words = ["--stores", ",".join(stores)] + (["--rounds", "50"] if args.quick else [])
     result = admission.run(admission.parser().parse_args(words))
+    admission.report(result)
     rows: list[Row] = []
     for store, by_size in result.items():
         deepest = max(by_size)
@@ -113,14 +119,15 @@ def run_admission(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
 
 def run_limits(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     result = limits.run(argparse.Namespace(quick=args.quick, json=None))
+    limits.report(result)
     share = result["fair_share"]
     rows: list[Row] = [
         ("limits", f"device limit {result['device_limit']['set_mb_s']:g} MB/s: measured / set",
-         result["device_limit"]["ratio"], None, "<="),
+         result["device_limit"]["ratio"], LIMIT_CEILING, "<="),
         ("limits", f"transfer limit {result['transfer_limit']['set_mb_s']:g} MB/s: measured / set",
-         result["transfer_limit"]["ratio"], None, "<="),
+         result["transfer_limit"]["ratio"], LIMIT_CEILING, "<="),
         ("limits", f"weights a=3,b=1: a's starts of the first 40 (3:1 is {share['target']})",
-         share["a_of_first_40"], None, ">="),
+         share["a_of_first_40"], None, ""),
         ("limits", "weights a=3,b=1: longest run of starts b waited through", share["longest_wait_of_b_in_starts"],
          None, "<="),
     ]
@@ -132,10 +139,11 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], list[Row
 
 
 def failure(result: dict[str, Any]) -> str | None:
-    """Why a benchmark failed (bench.small: one of its backends), or None."""
+    """Why a benchmark failed (small: one of its backends; download: a backend it skipped), or None."""
     if "error" in result:
         return result["error"]
     bad = [f"{r['backend']}: {r['error']}" for r in result.get("backends", []) if "error" in r]
+    bad += [f"{name}: skipped: {why}" for name, why in result.get("skipped_backends", {}).items()]
     return "; ".join(bad) or None
 
 

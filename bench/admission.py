@@ -25,10 +25,10 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from bench._services import PG_ADMIN
 from bgtransfer import Settings
 from bgtransfer._store import Store
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 APPS = [f"app{i:02d}" for i in range(20)]
 
 
@@ -128,9 +128,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main() -> None:
-    args = parser().parse_args()
-    results = run(args)
+def report(results: dict) -> None:
+    """Print ``run``'s figures."""
     print(f"{'store':<12}{'queued':>8}{'pass p50':>10}{'pass p99':>10}{'add p50':>10}{'add p99':>10}   (ms; 20 apps)")
     for name, by_size in results.items():
         for n, r in by_size.items():
@@ -139,6 +138,12 @@ def main() -> None:
     for name, by_size in results.items():
         if 500 in by_size:
             print(f"{name}: admission pass p99 at 500 queued = {by_size[500]['promote_p99_ms']:.2f} ms (target < 5 ms)")
+
+
+def main() -> None:
+    args = parser().parse_args()
+    results = run(args)
+    report(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -65,7 +65,9 @@ One large download (variants run interleaved, A B C ... A B C ..., ``--repeat`` 
                       with ``--backends``: bgtransfer the same way through a worker of its own on
                       that backend (the machine's RabbitMQ or Redis, and a PostgreSQL database
                       made for the run and dropped at its end), warmed up the same way; held to
-                      the same targets as bgtransfer on the embedded default.
+                      the same targets as bgtransfer on the embedded default. A backend whose
+                      server cannot be used is skipped with a note (``skipped_backends``), the
+                      other variants measured all the same, and the exit status is 1.
     curl+sha256sum    ``curl -s -o FILE URL``, then ``sha256sum FILE`` (as a user verifies a
                       download); the two commands are timed together, and the digest printed
                       must be the expected one.
@@ -401,12 +403,9 @@ def bgtransfer_download(worker: Worker, svc: BackgroundTransferService, url: str
 def server_backend_worker(name: str, tmp: Path, stack: contextlib.ExitStack,
                           server: FileServer) -> tuple[Worker, BackgroundTransferService]:
     """A worker (and its client) on backend ``name``, ready and warmed up; its clean-up (worker,
-    queue, database) goes on ``stack``."""
+    queue, database) goes on ``stack``. Raises ``Unavailable`` if a server it needs is not."""
     queues: list[str] = []
-    try:
-        env, _ = backend_env(name, tmp / name, stack, queues, "bgt_download")
-    except Unavailable as exc:
-        raise BenchError(str(exc)) from exc
+    env, _ = backend_env(name, tmp / name, stack, queues, "bgt_download")
     worker = Worker(tmp / name, tmp / f"worker-{name}.log", extra=env)
     queues.append(queue_name(worker.vars["BGTRANSFER_DEVICE"]))
     stack.callback(worker.stop)
@@ -751,8 +750,14 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     warmed = warm_up(worker, svc, server, worker.concurrency)
     print(f"  worker {worker.pid} ready (pool children {worker.children()}), warmed up "
           f"({warmed} of {worker.concurrency} at once)")
-    on_servers = {f"{BGT}, {name}": server_backend_worker(name, tmp, stack, server)
-                  for name in args.backends if name != "embedded"}
+    on_servers: dict[str, tuple[Worker, BackgroundTransferService]] = {}
+    skipped: dict[str, str] = {}  # backend: why (the other variants are measured all the same)
+    for name in args.backends[1:]:  # (the first is embedded)
+        try:
+            on_servers[f"{BGT}, {name}"] = server_backend_worker(name, tmp, stack, server)
+        except Unavailable as exc:
+            skipped[name] = str(exc)
+            print(f"  {name}: SKIPPED: {exc}", flush=True)
     variants[variants.index(BGT) + 1:variants.index(BGT) + 1] = list(on_servers)
 
     def aria(variant: str) -> Callable[[int], float]:
@@ -847,6 +852,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
         "parallel": parallel,
         "worker_rss": {**rss, "target_mib": RSS_TARGET_MIB},
         "worker_log_problems": log_problems,
+        "skipped_backends": skipped,
     }
 
 
@@ -929,7 +935,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0
+    for name, why in result["skipped_backends"].items():
+        print(f"bench.download: {name} SKIPPED: {why}", file=sys.stderr)
+    return 1 if result["skipped_backends"] else 0
 
 
 if __name__ == "__main__":

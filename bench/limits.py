@@ -145,6 +145,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fair_share": share}
 
 
+def report(r: dict[str, Any]) -> None:
+    """Print ``run``'s figures."""
+    print(f"{'limit':<34}{'set MB/s':>10}{'measured':>10}{'ratio':>8}")
+    for key, label in (("device_limit", "device, 4 workers, 8 downloads"), ("transfer_limit", "one transfer")):
+        x = r[key]
+        print(f"{label:<34}{x['set_mb_s']:>10.1f}{x['measured_mb_s']:>10.2f}{x['ratio']:>8.2f}")
+    f = r["fair_share"]
+    print(f"fair share a=3,b=1: a had {f['a_of_first_40']} of the first 40 starts (3:1 is {f['target']}); "
+          f"b never waited through more than {f['longest_wait_of_b_in_starts']} starts in a row")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 MB files instead of 20 MB")
@@ -155,13 +166,7 @@ def main() -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{'limit':<34}{'set MB/s':>10}{'measured':>10}{'ratio':>8}")
-    for key, label in (("device_limit", "device, 4 workers, 8 downloads"), ("transfer_limit", "one transfer")):
-        x = r[key]
-        print(f"{label:<34}{x['set_mb_s']:>10.1f}{x['measured_mb_s']:>10.2f}{x['ratio']:>8.2f}")
-    f = r["fair_share"]
-    print(f"fair share a=3,b=1: a had {f['a_of_first_40']} of the first 40 starts (3:1 is 30); "
-          f"b never waited through more than {f['longest_wait_of_b_in_starts']} starts in a row")
+    report(r)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -31,7 +31,7 @@ def download_all(dep: Deployment, server: FileServer, paths: list[str], size: in
 
     def done() -> bool:
         nonlocal most
-        with svc.store.tx(read=True) as conn:  # (the server's count would show its socket buffers filling)
+        with svc.store.tx(read=True) as conn:  # (not the server's count: its socket buffers fill at once)
             running = conn.execute(RUNNING, {"device": dep.device}).scalar_one()
         most = max(most, running)
         return all(svc.find(r.request_id).transfer_status.value == "COMPLETED" for r in reqs)
