@@ -11,8 +11,8 @@ task and aria2c; scale-out; queue depth), ``bench.admission`` (the admission pas
 10, 100 and 500 queued) and ``bench.limits`` (bandwidth limits and fair share against their
 settings), each as its own command would with the options below, printing as it goes (for
 admission and limits, their figures when they end). Each module's docstring says what it
-measures and how. ``bench.soak`` is not among them: it is a
-fault test with a verdict of its own (``python -m bench.soak``), not a ratio.
+measures and how. ``bench.soak`` is not among them: it is a fault test with a verdict of its
+own (``python -m bench.soak``), not a ratio.
 
 ``--backends`` applies to download and small (default: all three; ``--quick``: embedded), and
 admission measures PostgreSQL when one of them is a PostgreSQL backend. ``--repeat`` applies to
