@@ -184,6 +184,7 @@ import pycurl  # noqa: E402
 
 from bench._services import BACKENDS, Unavailable, backend_env, code_line, code_tree  # noqa: E402
 from bgtransfer import BackgroundTransferRequest, BackgroundTransferService  # noqa: E402
+from bgtransfer._engine import WRITE_BLOCK  # noqa: E402
 from bgtransfer._settings import Settings, load, queue_name  # noqa: E402
 from tests.httpserver import FileServer  # noqa: E402
 from tests.workerproc import WorkerProcess  # noqa: E402
@@ -200,7 +201,8 @@ WARM_PATH = "/warm.bin"  # the 10 MB file, each response paused for a while afte
 WARM_STALL_SECONDS = 2.0
 LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
 
-CURL, ARIA, ARIA4, PYCURL, PYCURL_BLOCKS = "curl", "aria2c", "aria2c -x4", "bare pycurl", "pycurl 128K writes"
+CURL, ARIA, ARIA4, PYCURL = "curl", "aria2c", "aria2c -x4", "bare pycurl"
+PYCURL_BLOCKS = f"pycurl {WRITE_BLOCK // 1024}K writes"  # bgtransfer's write pattern (WRITE_BLOCK) in bare pycurl
 BGT, BGT_SHA = "bgtransfer", "bgtransfer+sha256"
 CURL_SHA, PYCURL_SHA = "curl+sha256sum", "bare pycurl+sha256"
 VARIANTS = (CURL, ARIA, ARIA4, PYCURL, PYCURL_BLOCKS, BGT, CURL_SHA, PYCURL_SHA, BGT_SHA)
@@ -215,9 +217,9 @@ INFO_RATIOS = ((BGT_SHA, BGT), (BGT, ARIA), (BGT, ARIA4), (BGT, PYCURL_BLOCKS)) 
 CURL_PAR, BGT_PAR = "curl --parallel", "bgtransfer"
 
 # The bare pycurl client, run as ``python -c PLAIN_PYCURL URL FILE MODE``, MODE "plain", "sha256"
-# (hash every chunk while writing it) or "blocks" (write the chunks 128 KiB at a time); prints
-# "<seconds> <status> <sha256 hex digest, or ->".
-PLAIN_PYCURL = """\
+# (hash every chunk while writing it) or "blocks" (write the chunks WRITE_BLOCK bytes at a time, as
+# bgtransfer's engine does); prints "<seconds> <status> <sha256 hex digest, or ->".
+PLAIN_PYCURL = f"""\
 import hashlib, os, sys, time, pycurl
 url, path, mode = sys.argv[1:]
 digest = hashlib.sha256() if mode == "sha256" else None
@@ -237,7 +239,7 @@ with open(path, "wb") as f:
         def write(chunk):
             pending.append(chunk)
             held[0] += len(chunk)
-            if held[0] >= 131072:
+            if held[0] >= {WRITE_BLOCK}:
                 os.writev(f.fileno(), pending)
                 pending.clear()
                 held[0] = 0
